@@ -1,0 +1,170 @@
+"""The one config loader: flat YAML files mapped onto frozen dataclasses, command-line flags on top.
+
+A recipe file (`pipelines/configs/<arch>_<dataset>.yaml`) holds one paper's training recipe. Keys that
+are not fields of `TrainConfig` are rejected with the list of valid keys, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from pipelines.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; saved in every checkpoint and logged as MLflow params."""
+
+    model: str = "fcn8s"
+    data: str = ""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    # Optimisation (paper recipes live in pipelines/configs/).
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_policy: str = "poly"  # poly | step | fixed
+    poly_power: float = 0.9
+    step_epochs: int = 30
+    step_gamma: float = 0.1
+    head_lr_mult: float = 1.0  # the papers' higher LR for new layers (e.g. DeepLab fc8 x10)
+    bias_lr_mult: float = 1.0  # Caffe-era recipes train biases at 2x
+    warmup_epochs: int = 0
+    epochs: int = 30
+    batch_size: int = 8
+    aux_weight: float = 0.4
+    pixel_weight: str = "none"  # none | unet (U-Net border weight map, w0=10, sigma=5)
+    # Augmentation (applied in Ray Data map_batches, per epoch).
+    crop: int = 321
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    flip: bool = True
+    rotate_deg: float = 0.0
+    jitter: float = 0.0  # photometric jitter strength (brightness/contrast/saturation), 0 = off
+    blur: float = 0.0  # probability of a Gaussian blur (PSPNet)
+    elastic: bool = False  # U-Net's elastic deformation (3x3 grid, std 10 px)
+    # Execution.
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    amp: str = "off"  # bf16 | fp16 | off
+    channels_last: bool = False
+    sync_bn: bool = True  # used only with several GPU workers
+    compile: bool = False
+    val_batch_size: int = 1
+    seed: int = 0
+    max_failures: int = 2
+    checkpoints_to_keep: int = 2
+    num_overlays: int = 4
+    # Tracking and storage.
+    tracking_uri: str = ""
+    experiment: str = "segpipe"
+    run_name: str = ""
+    storage: str = ""
+    parent_run_id: str = ""  # set by `segpipe tune`: each trial is a nested MLflow run
+
+    def __post_init__(self) -> None:
+        choices = {
+            "optimizer": ("sgd", "adamw"),
+            "lr_policy": ("poly", "step", "fixed"),
+            "amp": ("bf16", "fp16", "off"),
+            "pixel_weight": ("none", "unet"),
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise UserError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
+        positive = ("lr", "epochs", "batch_size", "crop", "num_workers", "val_batch_size", "cpus_per_worker")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise UserError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, with an error naming the field."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{name} must be true or false, got {value!r}")
+    if kind in (int, float, str):
+        try:
+            out = kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+        if kind is int and isinstance(value, float) and value != out:
+            raise UserError(f"{name} must be an integer, got {value!r}")
+        return out
+    if kind == dict[str, Any]:
+        if not isinstance(value, dict):
+            raise UserError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def make_config(cls: type, values: dict[str, Any], *, source: str = "config") -> Any:
+    """Build frozen dataclass `cls` from a flat dict, rejecting unknown keys with a did-you-mean hint."""
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise UserError(
+            f"{source}: unknown key(s) {', '.join(unknown)}{suggestion}; valid keys: {', '.join(sorted(known))}"
+        )
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a flat YAML mapping; a missing file or a non-mapping gives an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; recipes ship in {CONFIG_DIR}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def parse_key_values(pairs: list[str] | None, *, option: str) -> dict[str, Any]:
+    """`["width=0.25", "backbone=resnet18"]` -> {"width": 0.25, "backbone": "resnet18"} (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"{option} expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Recipe file (optional) + overrides (None values ignored) -> TrainConfig."""
+    values = read_yaml(path) if path else {}
+    source = str(path) if path else "train options"
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "model_args":
+            values["model_args"] = {**values.get("model_args", {}), **value}
+        else:
+            values[key] = value
+    return make_config(TrainConfig, values, source=source)

@@ -1,0 +1,213 @@
+"""The one place that talks to MLflow: tracking URI, runs, metrics, model artifacts and the registry.
+
+Embedded default (no server): a sqlite store `mlruns/mlflow.db` with artifacts in `mlruns/artifacts`,
+both under the working directory; `--tracking-uri http://...` or `MLFLOW_TRACKING_URI` selects a server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import UserError
+
+DEFAULT_STORE_DIR = "mlruns"
+MODEL_ARTIFACT_PATH = "model"
+
+
+def resolve_tracking_uri(uri: str = "") -> str:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else the embedded sqlite store in ./mlruns (absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        if uri.startswith(("http://", "https://", "sqlite:///", "file:", "databricks", "postgresql", "mysql")):
+            return uri
+        # A bare folder: keep it as an embedded sqlite store there.
+        return f"sqlite:///{Path(uri).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{(Path.cwd() / DEFAULT_STORE_DIR).resolve() / 'mlflow.db'}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts for an embedded sqlite store live beside the database; a server decides its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
+
+
+def connect(uri: str = ""):
+    """Point the mlflow module at `uri` (tracking and registry) and return an MlflowClient."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def check_server(uri: str) -> None:
+    """Fail early with a clear message when an http(s) tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as reply:
+            reply.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise UserError(
+            f"MLflow tracking server {uri} does not answer ({err}); start it (`mlflow server --host 127.0.0.1`)"
+            " or drop --tracking-uri to use the embedded store in ./mlruns"
+        ) from None
+
+
+def experiment_id(client, name: str) -> str:
+    """Id of experiment `name`, created (with the embedded artifact root when local) if missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_root(client.tracking_uri))
+
+
+def find_run(client, exp_id: str, run_name: str):
+    """The most recent run called `run_name` in the experiment, or None."""
+    safe = run_name.replace("'", "\\'")
+    runs = client.search_runs(
+        [exp_id], filter_string=f"attributes.run_name = '{safe}'", order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def start_or_resume_run(client, experiment: str, run_name: str, *, tags: dict[str, str] | None = None,
+                        parent_run_id: str | None = None) -> tuple[str, bool]:
+    """(run_id, resumed): reuse an unfinished run of the same name so a re-run continues it."""
+    exp_id = experiment_id(client, experiment)
+    if run_name:
+        run = find_run(client, exp_id, run_name)
+        if run is not None and run.info.status != "FINISHED":
+            client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id, True
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name or None, tags=all_tags)
+    return run.info.run_id, False
+
+
+def logged_steps(client, run_id: str, key: str) -> set[int]:
+    return {m.step for m in client.get_metric_history(run_id, key)}
+
+
+def log_metrics_once(client, run_id: str, metrics: dict[str, float], step: int) -> bool:
+    """Log `metrics` at `step` unless that step was already logged (a resumed run never logs twice)."""
+    from mlflow.entities import Metric
+
+    first = next(iter(metrics))
+    if step in logged_steps(client, run_id, first):
+        return False
+    import time
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    return True
+
+
+def sanitize_key(name: str) -> str:
+    """MLflow keys allow alphanumerics, _ - . space : / only."""
+    return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name)
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """Log flat params, skipping keys already logged with the same value (params are immutable)."""
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    todo = [Param(sanitize_key(k), str(v)[:6000]) for k, v in params.items() if sanitize_key(k) not in existing]
+    for i in range(0, len(todo), 100):
+        client.log_batch(run_id, params=todo[i : i + 100])
+
+
+def download_model(uri: str, tracking_uri: str = "") -> Path:
+    """A model URI (`runs:/ID/model`, `models:/NAME/VERSION`, `models:/NAME@ALIAS` or a local folder) -> local folder."""
+    local = Path(uri).expanduser()
+    if "://" not in uri and not uri.startswith(("runs:", "models:")):
+        if not (local / "model.json").is_file():
+            raise UserError(f"model folder {local} has no model.json; pass a folder written by segpipe or an MLflow URI")
+        return local
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = connect(tracking_uri)
+    source = uri
+    if uri.startswith("models:/"):
+        source = model_version(client, uri).source
+    elif not uri.startswith(("runs:/", "s3://", "file:", "http")):
+        raise UserError(f"unsupported model URI {uri!r}: use runs:/RUN_ID/model, models:/NAME/VERSION, "
+                        "models:/NAME@ALIAS or a local folder")
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="segpipe-model-")))
+    except (MlflowException, OSError) as err:
+        raise UserError(f"cannot fetch model {uri!r} from {client.tracking_uri}: {err}") from None
+    if not (path / "model.json").is_file():
+        raise UserError(f"{uri!r} holds no segpipe model (no model.json); did the run finish?")
+    return path
+
+
+def model_version(client, uri: str):
+    """Resolve `models:/NAME/VERSION` or `models:/NAME@ALIAS` to a ModelVersion, with clear errors."""
+    from mlflow.exceptions import MlflowException
+
+    body = uri.removeprefix("models:/")
+    name, alias, version = body, None, None
+    if "@" in body:
+        name, alias = body.split("@", 1)
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+    if not name or (alias is None and version is None):
+        raise UserError(f"model URI {uri!r} must be models:/NAME/VERSION or models:/NAME@ALIAS")
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as err:
+        what = f"alias {alias!r}" if alias is not None else f"version {version!r}"
+        raise UserError(f"registered model {name!r} has no {what} in {client.tracking_uri}: {err.message}") from None
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def register_model_folder(client, name: str, folder: Path, *, run_id: str, description: str = "",
+                          tags: dict[str, str] | None = None):
+    """Log a model folder to `run_id` as its `model` artifact and register it as a new version of `name`."""
+    from mlflow.exceptions import MlflowException
+
+    client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT_PATH)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="segpipe segmentation models (see model.json)")
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+    version = client.create_model_version(name, source=source, run_id=run_id, description=description,
+                                          tags=tags or {})
+    return version
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    """The version number an alias points at, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def set_alias(client, name: str, alias: str, version: str) -> None:
+    client.set_registered_model_alias(name, alias, str(version))
