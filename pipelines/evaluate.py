@@ -1,0 +1,214 @@
+"""Evaluation stage: whole / sliding-window / multi-scale+flip inference and optional dense CRF on a split.
+
+Images are scored in parallel by a pool of Ray Data actors, each holding the model once; every image
+contributes a confusion matrix and the driver sums them, so the metrics are exactly the FCN paper's over
+the whole split. `predict_image` is the single definition of "run the model on one image" that the
+ensemble search and the serving endpoint reuse.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.errors import UserError
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to turn one image into class probabilities."""
+
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    slide: tuple[int, int] | None = None  # (crop, stride) in pixels
+    crf: bool = False
+    crf_params: dict[str, float] = field(default_factory=dict)  # overrides of the model's / DeepLab's
+
+    def __post_init__(self) -> None:
+        if not self.scales or any(not s > 0 for s in self.scales):
+            raise UserError(f"--tta scales must be positive numbers, got {self.scales}")
+        if self.slide is not None:
+            crop, stride = self.slide
+            if not 0 < stride <= crop:
+                raise UserError(f"--slide CROP STRIDE needs 0 < STRIDE <= CROP, got {crop} {stride}")
+
+
+def crf_params_for(model, settings: InferenceSettings):
+    """The model's tuned CRF parameters (if any), overridden by explicit settings."""
+    from segmodels.crf import CRFParams
+
+    values = {**(model.spec.crf or {}), **settings.crf_params}
+    try:
+        return CRFParams(**values)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"bad CRF parameters {values}: {err}") from None
+
+
+def predict_image(model, image: np.ndarray, settings: InferenceSettings) -> np.ndarray:
+    """uint8 H,W,3 image -> float32 C,H,W class probabilities with the model's TTA/slide/CRF settings."""
+    import torch
+
+    from segmodels.crf import dense_crf
+    from segmodels.inference import predict_tta
+
+    x = model.normalize(torch.from_numpy(np.ascontiguousarray(image))[None])
+    if model.spec.input_scale != 1.0:
+        scales = tuple(s * model.spec.input_scale for s in settings.scales)
+    else:
+        scales = settings.scales
+    crop, stride = settings.slide if settings.slide else (None, None)
+    with torch.no_grad():
+        probs = predict_tta(model.ensemble, x, scales=scales, flip=settings.flip,
+                            mode="slide" if settings.slide else "whole", crop=crop, stride=stride)[0]
+    probs = probs.float().numpy()
+    if settings.crf:
+        probs = dense_crf(image, probs, crf_params_for(model, settings))
+    return probs
+
+
+def model_payload(folder: Path) -> dict[str, bytes]:
+    """A model folder's files as bytes, so Ray actors on any node can rebuild it from the object store."""
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+def materialize(payload: dict[str, bytes]) -> Path:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="segpipe-model-"))
+    for name, data in payload.items():
+        (folder / Path(name).name).write_bytes(data)
+    return folder
+
+
+class ScoreImages:
+    """Ray Data actor: loads the model once, returns one flattened confusion matrix per image."""
+
+    def __init__(self, payload_ref, settings: InferenceSettings, num_classes: int):
+        import ray
+        import torch
+
+        from segmodels.artifact import load_model_dir
+
+        torch.set_num_threads(1)
+        # The ref travels inside a list so Ray hands it over unresolved; fetched once per actor.
+        self.model = load_model_dir(materialize(ray.get(payload_ref[0])))
+        self.settings = settings
+        self.num_classes = num_classes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.dataset import decode_image, decode_mask
+
+        rows = []
+        for img_bytes, mask_bytes in zip(batch["image"], batch["mask"], strict=True):
+            image, truth = decode_image(img_bytes), decode_mask(mask_bytes)
+            pred = predict_image(self.model, image, self.settings).argmax(0)
+            valid = truth != 255
+            index = truth[valid].astype(np.int64) * self.num_classes + pred[valid]
+            rows.append(np.bincount(index, minlength=self.num_classes**2))
+        return {"image_id": batch["image_id"], "confusion": np.stack(rows)}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model_uri: str
+    data: str
+    split: str = "val"
+    settings: InferenceSettings = InferenceSettings()
+    tracking_uri: str = ""
+    max_images: int = 0  # 0 = the whole split
+    concurrency: int = 0  # scoring actors; 0 = one per CPU of the cluster
+
+
+def metrics_json(scores: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """ConfusionMatrix.compute() -> the issue's JSON shape, NaN/None made JSON-safe."""
+
+    def clean(v):
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    return {
+        "miou": clean(scores["miou"]), "pixel_acc": clean(scores["pixel_acc"]),
+        "mean_acc": clean(scores["mean_acc"]), "fwiou": clean(scores["fwiou"]),
+        "per_class_iou": {c: clean(v) for c, v in zip(classes, scores["per_class_iou"], strict=True)},
+    }
+
+
+def score_split(model_folder: Path, data, split: str, settings: InferenceSettings, *, max_images: int = 0,
+                concurrency: int = 0):
+    """Confusion matrix of the model folder on `split`, scored by a pool of Ray actors."""
+    import ray
+    import torch
+
+    from pipelines.runtime import ensure_ray
+    from segmodels.metrics import ConfusionMatrix
+
+    ensure_ray()
+    if split not in data.manifest.splits:
+        raise UserError(f"dataset has no split {split!r}; it has {', '.join(data.manifest.splits)}")
+    ds = data.split(split)
+    if max_images:
+        ds = ds.limit(max_images)
+    workers = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    payload_ref = [ray.put(model_payload(model_folder))]
+    scored = ds.map_batches(
+        ScoreImages, fn_constructor_kwargs={"payload_ref": payload_ref, "settings": settings,
+                                            "num_classes": data.num_classes},
+        batch_size=1, batch_format="numpy", concurrency=(1, workers), num_cpus=1,
+    )
+    cm = ConfusionMatrix(data.num_classes)
+    images = 0
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        cm.matrix += torch.from_numpy(np.asarray(batch["confusion"]).sum(0).reshape(cm.matrix.shape))
+        images += len(batch["confusion"])
+    return cm, images
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Score a model on a prepared split; logs `eval_*` metrics to the run when the URI is `runs:/...`."""
+    from pipelines import tracking
+    from pipelines.dataset import open_prepared
+    from segmodels.artifact import read_spec
+
+    data = open_prepared(cfg.data)
+    folder = tracking.download_model(cfg.model_uri, cfg.tracking_uri)
+    spec = read_spec(folder)
+    if list(spec.classes) != list(data.classes):
+        raise UserError(f"model {cfg.model_uri} predicts {spec.num_classes} classes {spec.classes[:4]}... but "
+                        f"{cfg.data} has {data.num_classes} {list(data.classes)[:4]}...: evaluate on the dataset "
+                        "it was trained for")
+    started = time.perf_counter()
+    cm, images = score_split(folder, data, cfg.split, cfg.settings, max_images=cfg.max_images,
+                             concurrency=cfg.concurrency)
+    seconds = time.perf_counter() - started
+    result = {
+        "model_uri": cfg.model_uri, "split": cfg.split, "images": images, "seconds": seconds,
+        "images_per_s": images / max(seconds, 1e-9),
+        "settings": {"scales": list(cfg.settings.scales), "flip": cfg.settings.flip,
+                     "slide": list(cfg.settings.slide) if cfg.settings.slide else None, "crf": cfg.settings.crf},
+        "metrics": metrics_json(cm.compute(), list(data.classes)),
+        "confusion": cm.to_list(),
+    }
+    if cfg.model_uri.startswith("runs:/"):
+        client = tracking.connect(cfg.tracking_uri)
+        run_id = cfg.model_uri.removeprefix("runs:/").split("/")[0]
+        flat = {f"eval_{cfg.split}_{k}": v for k, v in result["metrics"].items()
+                if k != "per_class_iou" and v is not None}
+        client.log_dict(run_id, result, f"evaluation/{cfg.split}-{int(time.time())}.json")
+        for key, value in flat.items():
+            client.log_metric(run_id, key, value)
+    return result
+
+
+def print_evaluation(result: dict[str, Any]) -> None:
+    from pipelines.report import format_table
+
+    m = result["metrics"]
+    rows = [[name, "-" if iou is None else round(iou, 4)] for name, iou in m["per_class_iou"].items()]
+    print(format_table(["class", "IoU"], rows))
+    print(f"\n{result['split']}: {result['images']} images, {result['images_per_s']:.2f} img/s")
+    print(format_table(["mIoU", "pixel acc", "mean acc", "fwIoU"],
+                       [[m["miou"], m["pixel_acc"], m["mean_acc"], m["fwiou"]]]))

@@ -1,0 +1,228 @@
+"""The per-worker training loop run by Ray Train's TorchTrainer (and by Ray Tune trials).
+
+Reads top to bottom: build the model and optimiser, restore the latest checkpoint if Ray hands one
+back, then per epoch `train_one_epoch` -> `validate` (confusion matrix all-reduced across workers)
+-> rank 0 writes a checkpoint (safetensors weights + plain files) -> `ray.train.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipelines.config import TrainConfig
+
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.json"
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Param groups with the papers' multipliers: new head layers x head_lr_mult, biases/norms x bias_lr_mult.
+
+    One-dimensional parameters (biases, norm scales) get no weight decay, as in the Caffe recipes.
+    """
+    groups = []
+    for part, params in model.param_groups().items():
+        mult = cfg.head_lr_mult if part == "head" else 1.0
+        weights = [p for p in params if p.requires_grad and p.ndim > 1]
+        vectors = [p for p in params if p.requires_grad and p.ndim <= 1]
+        if weights:
+            groups.append({"params": weights, "lr_mult": mult, "weight_decay": cfg.weight_decay})
+        if vectors:
+            groups.append({"params": vectors, "lr_mult": mult * cfg.bias_lr_mult, "weight_decay": 0.0})
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_mult"]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(cfg: TrainConfig, iteration: int, iters_per_epoch: int) -> float:
+    """Poly / step / fixed schedule with optional linear warm-up, as a factor of each group's base LR."""
+    total = max(1, cfg.epochs * iters_per_epoch)
+    warm = cfg.warmup_epochs * iters_per_epoch
+    if iteration < warm:
+        return (iteration + 1) / warm
+    if cfg.lr_policy == "poly":
+        return (1 - min(iteration, total - 1) / total) ** cfg.poly_power
+    if cfg.lr_policy == "step":
+        return cfg.step_gamma ** (iteration // max(1, cfg.step_epochs * iters_per_epoch))
+    return 1.0
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "off":
+        return nullcontext()
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_input(images: torch.Tensor, device: torch.device, cfg: TrainConfig) -> torch.Tensor:
+    """uint8 N,H,W,3 -> ImageNet-normalised float N,3,H,W on `device`."""
+    from segmodels.transforms import normalize
+
+    x = normalize(images.to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
+def train_one_epoch(model, optimizer, scaler, batches, cfg, device, *, iteration: int, iters_per_epoch: int):
+    """One pass over this worker's shard; returns (mean loss over all workers, images seen here, iteration)."""
+    from segmodels.losses import segmentation_loss
+
+    model.train()
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * group["lr_mult"] * lr_factor(cfg, iteration, iters_per_epoch)
+        x = to_input(batch["image"], device, cfg)
+        target = batch["mask"].to(device, non_blocking=True).long()
+        weight = batch["weight"].to(device) if "weight" in batch else None
+        with autocast(cfg, device):
+            output = model(x)
+        output = {k: v.float() for k, v in output.items()} if isinstance(output, dict) else output.float()
+        loss = segmentation_loss(output, target, aux_weight=cfg.aux_weight, pixel_weight=weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=device)
+        iteration += 1
+    images_here = int(loss_sum[1].item())
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    mean_loss = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+    return mean_loss, images_here, iteration
+
+
+@torch.no_grad()
+def validate(net, batches, num_classes: int, cfg: TrainConfig, device, *, rank: int, world: int):
+    """Whole-image validation on this worker's share of the val split; confusion matrix summed over workers."""
+    from segmodels.inference import predict_whole
+    from segmodels.metrics import ConfusionMatrix
+
+    net.eval()
+    cm = ConfusionMatrix(num_classes)
+    for i, batch in enumerate(batches):
+        if i % world != rank:
+            continue
+        for image, mask in zip(batch["image"], batch["mask"], strict=True):
+            x = to_input(torch.from_numpy(image)[None], device, cfg)
+            with autocast(cfg, device):
+                probs = predict_whole(net, x)
+            cm.update(probs.argmax(1).cpu(), torch.from_numpy(mask)[None].long())
+    cm.all_reduce_()
+    return cm
+
+
+def save_checkpoint(folder: Path, net, optimizer, scaler, *, epoch: int, iteration: int, cfg: TrainConfig,
+                    extra: dict[str, Any]) -> None:
+    """Weights as safetensors; optimiser and scaler state via torch.save (read back with weights_only=True)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scaler.state_dict(), folder / "scaler.pt")
+    state = {"epoch": epoch, "iteration": iteration, "config": cfg.to_dict(), **extra}
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def load_checkpoint(folder: Path, net, optimizer, scaler, device) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    net.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(device)))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: {"cfg": TrainConfig dict, "classes", "palette", "run_id",
+    "tracking_uri", "iters_per_epoch", "fingerprint"}."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines import tracking
+    from segmodels import build_model
+
+    cfg = TrainConfig(**config["cfg"])
+    classes = config["classes"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    model = build_model(cfg.model, len(classes), **cfg.model_args)
+    if cfg.sync_bn and cfg.use_gpu and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    net = model
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    start_epoch, iteration = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder), net, optimizer, scaler, device)
+        start_epoch, iteration = state["epoch"] + 1, state["iteration"]
+        if rank == 0:
+            print(f"[segpipe] resuming {cfg.run_name or cfg.model} from epoch {state['epoch'] + 1} checkpoint")
+
+    client = tracking.connect(config["tracking_uri"]) if rank == 0 else None
+    iters = config["iters_per_epoch"]
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        train_batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size,
+        )
+        loss, images, iteration = train_one_epoch(
+            model, optimizer, scaler, train_batches, cfg, device, iteration=iteration, iters_per_epoch=iters,
+        )
+        train_time = time.perf_counter() - started
+        val_batches = ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.val_batch_size,
+                                                                       batch_format="numpy")
+        cm = validate(net, val_batches, len(classes), cfg, device, rank=rank, world=world)
+        scores = cm.compute()
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "val_miou": scores["miou"],
+            "val_pixel_acc": scores["pixel_acc"],
+            "val_mean_acc": scores["mean_acc"],
+            "val_fwiou": scores["fwiou"],
+            "images_per_s": images * world / max(train_time, 1e-9),
+            "epoch_time_s": time.perf_counter() - started,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        for name, iou in zip(classes, scores["per_class_iou"], strict=True):
+            if iou is not None and not math.isnan(iou):
+                metrics[f"val_iou_{tracking.sanitize_key(name)}"] = iou
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(Path(tmp), net, optimizer, scaler, epoch=epoch, iteration=iteration, cfg=cfg,
+                                extra={"classes": classes, "palette": config["palette"], "run_id": config["run_id"],
+                                       "fingerprint": config["fingerprint"], "metrics": metrics,
+                                       "confusion": cm.matrix.tolist()})
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+        if rank == 0:
+            tracking.log_metrics_once(client, config["run_id"], {k: v for k, v in metrics.items() if k != "epoch"},
+                                      step=epoch)
+            print(f"[segpipe] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} val mIoU {scores['miou']:.4f} "
+                  f"pixel acc {scores['pixel_acc']:.4f} {metrics['images_per_s']:.1f} img/s "
+                  f"{metrics['epoch_time_s']:.1f} s", flush=True)
