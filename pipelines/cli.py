@@ -40,6 +40,199 @@ def _run_models(args: argparse.Namespace) -> None:
     _write_json(args.json_out, {"size": list(args.size), "models": rows})
 
 
+# ---------------------------------------------------------------------------------------------- train
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one architecture with Ray Train on prepared shards, tracked in MLflow",
+                       description="Train one architecture with Ray Train (DDP) on a dataset written by "
+                       "`segpipe prepare`. Flags override the --config recipe (see pipelines/configs/). "
+                       "Re-running with the same --run-name and --storage resumes from the last checkpoint.")
+    p.add_argument("--model", help="architecture: fcn32s fcn16s fcn8s deconvnet deeplab_largefov dilation unet pspnet")
+    p.add_argument("--data", help="prepared dataset folder or s3:// prefix")
+    p.add_argument("--config", help="recipe YAML, e.g. pipelines/configs/deeplab_largefov_voc.yaml")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="keyword argument for build_model, repeatable (e.g. width=0.25, backbone=resnet18)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per worker per step")
+    p.add_argument("--crop", type=int, help="training crop size in pixels")
+    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (one per GPU with --use-gpu)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, NCCL")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: segpipe)")
+    p.add_argument("--run-name", help="MLflow and Ray run name; reuse it with the same --storage to resume")
+    p.add_argument("--storage", help="checkpoint storage folder or s3:// prefix (default: ./ray_results)")
+    p.add_argument("--json-out", help="write {run_id, model_uri, checkpoint, metrics} to this file")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from pipelines.config import load_train_config, parse_key_values
+    from pipelines.train import train
+
+    cfg = load_train_config(
+        args.config, model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
+        crop=args.crop, lr=args.lr, num_workers=args.num_workers, use_gpu=args.use_gpu, amp=args.amp,
+        tracking_uri=args.tracking_uri, experiment=args.experiment, run_name=args.run_name,
+        storage=args.storage, model_args=parse_key_values(args.model_arg, option="--model-arg") or None,
+    )
+    result = train(cfg)
+    print(json.dumps(result.to_json()["metrics"], indent=2))
+    print(f"model: {result.model_uri}")
+    _write_json(args.json_out, result.to_json())
+
+
+# ---------------------------------------------------------------------------------------------- tune
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="Ray Tune search per architecture with ASHA early stopping",
+                       description="Search each architecture's space from a YAML file (see pipelines/tune.py "
+                       "for the format); every trial is a nested MLflow run. Re-running resumes the search.")
+    p.add_argument("--config", required=True, help="search YAML (data, architectures: {arch: {base, space}})")
+    p.add_argument("--num-samples", type=int, help="trials per architecture (overrides the file)")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once (overrides the file)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--json-out", help="write the best trial and model URI per architecture here")
+    p.set_defaults(run=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> None:
+    from pipelines.report import format_table
+    from pipelines.tune import load_search, tune_search
+
+    search, archs = load_search(args.config, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                                tracking_uri=args.tracking_uri)
+    summary = tune_search(search, archs)
+    rows = []
+    for arch, info in summary["architectures"].items():
+        for t in info["trials"]:
+            best = info["best"] and info["best"]["trial_id"] == t["trial_id"]
+            rows.append([arch, t["trial_id"], t["status"], t["iterations"], t.get(search.metric) or 0.0,
+                         "*" if best else ""])
+    print(format_table(["arch", "trial", "status", "epochs", search.metric, "best"], rows))
+    for arch, info in summary["architectures"].items():
+        print(f"best {arch}: {info['best']['model_uri'] if info['best'] else 'none finished'}")
+    _write_json(args.json_out, summary)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", metavar="SCALES", help="comma-separated test scales, e.g. 0.75,1,1.25 (default: 1)")
+    p.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
+    p.add_argument("--slide", type=int, nargs=2, metavar=("CROP", "STRIDE"),
+                   help="sliding-window inference with CROP-sized windows every STRIDE pixels")
+    p.add_argument("--crf", action="store_true", help="dense CRF post-processing (DeepLab's mean field)")
+
+
+def _inference_settings(args: argparse.Namespace):
+    from pipelines.evaluate import InferenceSettings
+
+    try:
+        scales = tuple(float(s) for s in args.tta.split(",")) if args.tta else (1.0,)
+    except ValueError:
+        raise UserError(f"--tta expects comma-separated numbers such as 0.75,1,1.25, got {args.tta!r}") from None
+    return InferenceSettings(scales=scales, flip=args.flip, slide=tuple(args.slide) if args.slide else None,
+                             crf=args.crf)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a model on a prepared split (whole, sliding, TTA, CRF)")
+    p.add_argument("--model-uri", required=True,
+                   help="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS or a local model folder")
+    p.add_argument("--data", required=True, help="prepared dataset folder or s3:// prefix")
+    p.add_argument("--split", default="val", help="split to score (default: val)")
+    _add_inference_options(p)
+    p.add_argument("--max-images", type=int, default=0, help="score only the first N images (default: all)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--json-out", help="write {metrics: {miou, pixel_acc, mean_acc, fwiou, per_class_iou}} here")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from pipelines.evaluate import EvalConfig, evaluate, print_evaluation
+
+    result = evaluate(EvalConfig(model_uri=args.model_uri, data=args.data, split=args.split,
+                                 settings=_inference_settings(args), tracking_uri=args.tracking_uri or "",
+                                 max_images=args.max_images))
+    print_evaluation(result)
+    _write_json(args.json_out, {k: v for k, v in result.items() if k != "confusion"})
+
+
+# ---------------------------------------------------------------------------------------------- ensemble
+def _add_ensemble(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ensemble", help="greedy ensemble selection on val mIoU, registered as 'challenger'")
+    p.add_argument("--candidates", nargs="+", required=True,
+                   help="model URIs, or best-per-arch:EXPERIMENT for the best finished run of each architecture")
+    p.add_argument("--data", required=True, help="prepared dataset folder or s3:// prefix")
+    p.add_argument("--split", default="val", help="selection split (default: val)")
+    p.add_argument("--register-as", help="register the result as a new version of this model, alias challenger")
+    p.add_argument("--crf", action="store_true", help="add a dense CRF stage with parameters tuned on the split")
+    p.add_argument("--max-members", type=int, default=5, help="selection rounds (default: 5)")
+    p.add_argument("--max-images", type=int, default=0, help="select on the first N images (default: all)")
+    p.add_argument("--experiment", default="segpipe", help="MLflow experiment for the ensemble run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--json-out", help="write {model_uri, members, weights, metrics} here")
+    p.set_defaults(run=_run_ensemble)
+
+
+def _run_ensemble(args: argparse.Namespace) -> None:
+    from pipelines.ensemble import EnsembleConfig, build_ensemble
+
+    result = build_ensemble(EnsembleConfig(
+        candidates=tuple(args.candidates), data=args.data, split=args.split, register_as=args.register_as or "",
+        crf=args.crf, max_members=args.max_members, max_images=args.max_images, experiment=args.experiment,
+        tracking_uri=args.tracking_uri or "",
+    ))
+    for m in result["members"]:
+        print(f"member {m['uri']}: weight {m['weight']:.3f}, alone {m['val_miou']:.4f}")
+    print(f"ensemble mIoU {result['metrics']['miou']:.4f}  crf {result['crf']}  -> {result['model_uri']}")
+    _write_json(args.json_out, result)
+
+
+# ---------------------------------------------------------------------------------------------- promote
+def _add_promote(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("promote", help="move alias 'champion' to 'challenger' only if it wins on the frozen split")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--data", required=True, help="prepared dataset folder or s3:// prefix (the frozen split)")
+    p.add_argument("--split", default="val", help="split to compare on (default: val)")
+    p.add_argument("--margin", type=float, default=0.0, help="mIoU the challenger must win by (default: 0)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--json-out", help="write the decision and both scores here")
+    p.set_defaults(run=_run_promote)
+
+
+def _run_promote(args: argparse.Namespace) -> None:
+    from pipelines.promote import PromoteConfig, promote
+
+    result = promote(PromoteConfig(name=args.name, data=args.data, margin=args.margin, split=args.split,
+                                   tracking_uri=args.tracking_uri or ""))
+    print(result["reason"])
+    print(f"champion: models:/{args.name}/{result['champion_version']}")
+    _write_json(args.json_out, result)
+
+
+# ---------------------------------------------------------------------------------------------- retrain
+def _add_retrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrain", help="prepare -> tune -> ensemble -> promote as one resumable job",
+                       description="One retraining cycle from a config such as cluster/retrain-voc.yaml. "
+                       "Re-running after a crash continues from the finished steps; re-running a finished "
+                       "cycle on unchanged data does nothing new.")
+    p.add_argument("--config", required=True, help="retrain YAML (source, prepared, search, register_as, margin)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides the file)")
+    p.add_argument("--json-out", help="write every step's output and the promotion decision here")
+    p.set_defaults(run=_run_retrain)
+
+
+def _run_retrain(args: argparse.Namespace) -> None:
+    from pipelines.retrain import load_retrain, retrain
+
+    result = retrain(load_retrain(args.config, tracking_uri=args.tracking_uri))
+    for step, info in result["steps"].items():
+        print(f"{step:9s} {info['seconds']:8.1f} s")
+    print(result["reason"])
+    print(f"champion: {result['champion']} (version {result['champion_version']})")
+    _write_json(args.json_out, result)
+
+
 # ---------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on generated data, on this machine")
@@ -52,7 +245,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     run_demo()
 
 
-COMMANDS = [_add_models, _add_demo]
+COMMANDS = [_add_models, _add_train, _add_tune, _add_evaluate, _add_ensemble, _add_promote, _add_retrain, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

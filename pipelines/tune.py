@@ -204,8 +204,11 @@ def _summarise(client, search: SearchConfig, tune_name: str, parent_id: str, gri
     return {"best": best, "trials": sorted(trials, key=lambda t: t["trial_id"])}
 
 
-def tune_search(search: SearchConfig, archs: list[ArchSearch]) -> dict[str, Any]:
-    """Run (or resume) every architecture's search; returns the best trial and model URI per architecture."""
+def tune_search(search: SearchConfig, archs: list[ArchSearch], parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run (or resume) every architecture's search; returns the best trial and model URI per architecture.
+
+    `parent_run_id`: nest the search's own MLflow run under this one (set by `segpipe retrain`).
+    """
     from pipelines.runtime import ensure_ray
     from pipelines.train import check_storage, resolve
 
@@ -219,7 +222,7 @@ def tune_search(search: SearchConfig, archs: list[ArchSearch]) -> dict[str, Any]
     ensure_ray()
     client = tracking.connect(uri)
     parent_id, resumed = tracking.start_or_resume_run(client, search.experiment, search.name,
-                                                      tags={"segpipe.stage": "tune"})
+                                                      tags={"segpipe.stage": "tune"}, parent_run_id=parent_run_id)
     print(f"[segpipe] {'resuming' if resumed else 'starting'} search {search.name} (MLflow run {parent_id})")
     tracking.log_params(client, parent_id, {"num_samples": search.num_samples, "scheduler": search.scheduler,
                                             "architectures": ",".join(a.arch for a in archs)})
