@@ -1,6 +1,7 @@
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,9 @@ def _all_reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_all_reduce_sums_matrices_over_two_gloo_processes(tmp_path):
+def test_all_reduce_sums_matrices_over_two_gloo_processes(tmp_path, monkeypatch):
+    # Spawned children re-import this module by its pytest name (tests.segmodels.test_metrics).
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     context = mp.spawn(_all_reduce_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 60
     while not context.join(timeout=1):

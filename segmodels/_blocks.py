@@ -1,0 +1,189 @@
+"""Shared parts of the model library: the base class, the VGG16 and dilated ResNet trunks, upsampling.
+
+The trunks keep torchvision's module layout (`vgg16().features`, `vgg16_bn().features`, `resnetXX()`
+minus `avgpool`/`fc`) so ImageNet state dicts load by key (see `segmodels.weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+# torchvision's VGG16 configuration "D": conv widths, "M" = max-pool.
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def scaled(channels: int, width: float) -> int:
+    """`channels * width`, rounded, at least 1: how `width` shrinks a layer for tiny CPU instances."""
+    return max(1, round(channels * width))
+
+
+class SegmentationModel(nn.Module):
+    """Base of every model: input checks and the backbone/head parameter split.
+
+    Subclasses set `arch` (registry name), `backbone_children` (names of the child modules initialised
+    from ImageNet, trained at the base LR) and `imagenet_source` ("vgg16", "vgg16_bn", "resnet" or None
+    for networks trained from scratch).
+    """
+
+    arch: str
+    backbone_children: tuple[str, ...] = ()
+    imagenet_source: str | None = None
+
+    def __init__(self, num_classes: int, *, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"{self.arch}: num_classes must be >= 1, got {num_classes}")
+        if width <= 0:
+            raise ValueError(f"{self.arch}: width must be > 0 (1.0 = the paper's channels), got {width}")
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.width = width
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"backbone": ImageNet-initialised parameters, "head": new layers (higher LR in the papers)}."""
+        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": []}
+        for name, child in self.named_children():
+            groups["backbone" if name in self.backbone_children else "head"].extend(child.parameters())
+        return groups
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the expected layout unless `x` is N x in_channels x H x W."""
+        if x.ndim != 4:
+            raise ValueError(f"{self.arch} expects a 4-D input N,C,H,W; got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self.arch} was built with in_channels={self.in_channels} but got a {x.shape[1]}-channel "
+                f"input of shape {tuple(x.shape)}; convert the images or rebuild with the right in_channels"
+            )
+
+
+class VGG16Features(nn.Sequential):
+    """VGG16 convolutions in torchvision's `vgg16().features` (or `vgg16_bn().features`) key layout.
+
+    `pools` replaces the five 2x2 max-pools (e.g. stride-1 pools for DeepLab, `nn.Identity` for the
+    dilation front-end, `return_indices=True` for DeconvNet); `conv5_dilation` dilates conv5_x with
+    matching padding; `first_padding` is conv1_1's padding (100 in the Caffe FCN). Parameterless
+    replacements keep the indices, so ImageNet weights still load by key. Simonyan & Zisserman, Table 1 D.
+    """
+
+    def __init__(
+        self,
+        width: float = 1.0,
+        *,
+        batch_norm: bool = False,
+        pools: Sequence[nn.Module] | None = None,
+        conv5_dilation: int = 1,
+        first_padding: int = 1,
+    ) -> None:
+        pools = list(pools) if pools is not None else [nn.MaxPool2d(2, 2) for _ in range(5)]
+        layers: list[nn.Module] = []
+        pool_indices: list[int] = []
+        in_ch, stage = 3, 0
+        for item in VGG16_CFG:
+            if item == "M":
+                pool_indices.append(len(layers))
+                layers.append(pools[stage])
+                stage += 1
+                continue
+            dilation = conv5_dilation if stage == 4 else 1
+            padding = first_padding if not layers else dilation
+            out_ch = scaled(item, width)
+            layers.append(nn.Conv2d(in_ch, out_ch, 3, padding=padding, dilation=dilation))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_ch))
+            layers.append(nn.ReLU(inplace=True))
+            in_ch = out_ch
+        super().__init__(*layers)
+        self.pool_indices = tuple(pool_indices)
+        self.out_channels = in_ch
+
+    def stages(self) -> list[nn.Sequential]:
+        """The five conv blocks, each ending with its pool (so stage outputs are pool1..pool5)."""
+        layers, ends = list(self), [i + 1 for i in self.pool_indices]
+        return [nn.Sequential(*layers[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def fc_block(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    *,
+    dilation: int = 1,
+    padding: int = 0,
+    dropout: bool = True,
+    batch_norm: bool = False,
+) -> nn.Sequential:
+    """fc6/fc7 as a convolution (index 0, where ImageNet's classifier Linear weights are mapped) + ReLU."""
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, kernel, padding=padding, dilation=dilation)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.ReLU(inplace=True))
+    if dropout:
+        layers.append(nn.Dropout(0.5))
+    return nn.Sequential(*layers)
+
+
+def bilinear_kernel(size: int) -> torch.Tensor:
+    """2-D bilinear interpolation filter of side `size` (the FCN `upsample_filt`), shape size x size."""
+    factor = (size + 1) // 2
+    center = factor - 1 if size % 2 == 1 else factor - 0.5
+    og = torch.arange(size, dtype=torch.float64)
+    filt = 1 - (og - center).abs() / factor
+    return (filt[:, None] * filt[None, :]).float()
+
+
+def bilinear_upsampling(channels: int, factor: int, *, trainable: bool = True) -> nn.ConvTranspose2d:
+    """Channel-wise x`factor` transposed conv (kernel 2*factor, no padding) initialised to bilinear.
+
+    Shapes: N,C,h,w -> N,C,(h-1)*factor+2*factor,(w-1)*factor+2*factor (crop afterwards). FCN section 3.3.
+    """
+    up = nn.ConvTranspose2d(channels, channels, 2 * factor, stride=factor, bias=False)
+    with torch.no_grad():
+        up.weight.zero_()
+        up.weight[range(channels), range(channels)] = bilinear_kernel(2 * factor).to(up.weight.device)
+    up.weight.requires_grad_(trainable)
+    return up
+
+
+def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of N,C,h,w logits to N,C,*size (the papers' final x8 interpolation)."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+class DilatedResNet(nn.Module):
+    """torchvision ResNet trunk with layer3/layer4 dilated (2, 4) instead of strided: output stride 8.
+
+    Children keep torchvision's names (conv1, bn1, layer1..4), so an ImageNet state dict minus `fc.*`
+    loads by key. Every stride-2 conv of layer3/4 gets stride 1 and every 3x3 conv there dilation 2/4,
+    which works for BasicBlock (resnet18/34) and Bottleneck alike. forward: N,3,H,W -> (layer3, layer4)
+    features, each N,C,H/8,W/8. PSPNet section 3.3 / DeepLab v2.
+    """
+
+    def __init__(self, name: str = "resnet50") -> None:
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(RESNETS)}")
+        resnet = getattr(torchvision.models, name)(weights=None)
+        for key in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, key, getattr(resnet, key))
+        for layer, dilation in ((self.layer3, 2), (self.layer4, 4)):
+            for conv in layer.modules():
+                if isinstance(conv, nn.Conv2d) and conv.stride == (2, 2):
+                    conv.stride = (1, 1)
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                    conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
+        self.out_channels = resnet.fc.in_features
+        self.layer3_channels = self.out_channels // 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c3 = self.layer3(self.layer2(self.layer1(x)))
+        return c3, self.layer4(c3)
