@@ -87,12 +87,13 @@ def find_run(client, exp_id: str, run_name: str):
 
 
 def start_or_resume_run(client, experiment: str, run_name: str, *, tags: dict[str, str] | None = None,
-                        parent_run_id: str | None = None) -> tuple[str, bool]:
-    """(run_id, resumed): reuse an unfinished run of the same name so a re-run continues it."""
+                        parent_run_id: str | None = None, reuse_finished: bool = False) -> tuple[str, bool]:
+    """(run_id, resumed): reuse an unfinished run of the same name (or a finished one if `reuse_finished`)
+    so that a re-run continues it instead of starting a second run."""
     exp_id = experiment_id(client, experiment)
     if run_name:
         run = find_run(client, exp_id, run_name)
-        if run is not None and run.info.status != "FINISHED":
+        if run is not None and (reuse_finished or run.info.status != "FINISHED"):
             client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id, True
     all_tags = dict(tags or {})

@@ -10,6 +10,7 @@ At the end the best checkpoint (by val mIoU) becomes a self-describing model fol
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 import uuid
@@ -109,6 +110,9 @@ def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = N
     from pipelines.augment import AugmentParams, augment_batch, decode_batch
     from pipelines.train_loop import train_loop_per_worker
 
+    # Train V2 re-routes worker prints through a logger that also echoes them: one epoch line, not two.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
     train_ds = data.split("train").randomize_block_order().map_batches(
         augment_batch, fn_kwargs={"params": AugmentParams.from_train_config(cfg)}, batch_size=8,
         batch_format="numpy",
@@ -190,7 +194,7 @@ def log_overlays(client, run_id: str, model_dir: Path, data, count: int, tmp: Pa
     for row in data.split("val").take(count):
         image, truth = decode_image(row["image"]), decode_mask(row["mask"])
         with torch.no_grad():
-            probs = model.ensemble(model.normalize(torch.from_numpy(image)[None]))
+            probs = model.ensemble(model.normalize(torch.from_numpy(image.copy())[None]))
         pred = probs.argmax(1)[0].numpy().astype("uint8")
         overlay_panel(image, truth, pred, model.spec.palette).save(out / f"{row['image_id']}.png")
     client.log_artifacts(run_id, str(out), "overlays")
@@ -206,10 +210,14 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     cfg, data, uri = resolve(cfg)
     ensure_ray()
     _check_gpus(cfg)
+    from pipelines import storage
+
     client = tracking.connect(uri)
+    # Ray keeps this run's checkpoints under storage/run_name: if they exist, this is a resume.
+    has_checkpoints = storage.exists(storage.join(cfg.storage, cfg.run_name))
     run_id, resumed = tracking.start_or_resume_run(
         client, cfg.experiment, cfg.run_name, tags={"segpipe.stage": "train", "segpipe.model": cfg.model},
-        parent_run_id=cfg.parent_run_id or None,
+        parent_run_id=cfg.parent_run_id or None, reuse_finished=has_checkpoints,
     )
     print(f"[segpipe] {'resuming' if resumed else 'starting'} MLflow run {run_id} ({cfg.run_name}) in {uri}")
     tracking.log_params(client, run_id, {**{f"cfg.{k}": v for k, v in cfg.to_dict().items()},

@@ -1,0 +1,53 @@
+"""Fixtures for the stage tests: one prepared synthetic VOC dataset per session, tiny training settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import TrainConfig
+
+# The same architectures as the papers at a fraction of the channels, so a CPU trains them in seconds.
+TINY = {"model": "deeplab_largefov", "model_args": {"width": 0.125}, "crop": 64, "batch_size": 4,
+        "epochs": 3, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lr_policy": "poly",
+        "scale_min": 0.75, "scale_max": 1.25, "num_workers": 1, "max_failures": 2, "num_overlays": 2}
+
+
+@pytest.fixture(scope="session")
+def prepared_voc(tmp_path_factory, ray_session) -> str:
+    """`segpipe synth --layout voc` -> `segpipe prepare`, once per test session."""
+    from pipelines.prepare import PrepareConfig, prepare
+    from pipelines.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("voc")
+    src = synthesize(SynthConfig(layout="voc", out=str(root / "src"), num_train=48, num_val=12, seed=3))
+    out = str(root / "prepared")
+    prepare(PrepareConfig(dataset="voc", root=str(src), out=out))
+    return out
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tiny_config(prepared_voc, mlflow_uri, tmp_path):
+    """TrainConfig factory: tiny settings on the session dataset, storage and MLflow inside tmp_path."""
+
+    def make(**overrides) -> TrainConfig:
+        values = {**TINY, "data": prepared_voc, "tracking_uri": mlflow_uri, "storage": str(tmp_path / "ray"),
+                  "experiment": "test", **overrides}
+        return TrainConfig(**values)
+
+    return make
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run the test from tmp_path, so the embedded defaults (./mlruns, ./ray_results) land there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Path(os.getcwd())
