@@ -1,0 +1,136 @@
+"""Benchmark: `segpipe prepare` (Ray Data) against a plain single-process loop doing the same per-image work.
+
+    .venv/bin/python bench/prepare.py [--num 500] [--size 375 500] [--num-cpus N]
+
+Writes N synthetic VOC images (default 500 at 500x375, like VOC's), then times, in the same run:
+- the Ray Data pipeline (`pipelines.prepare.prepare`: list, read, decode, validate, convert, encode,
+  write parquet, manifest), after a small warm-up run so worker start-up is not counted;
+- a serial loop calling the same per-sample function (`convert_sample`) and writing one parquet file.
+Prints images/s for both (best of --repeat runs each), their ratio and the machine; `--json-out` saves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.dataset import COLUMNS, parquet_schema
+from pipelines.layouts import get_layout
+from pipelines.prepare import PrepareConfig, convert_sample, prepare
+from pipelines.synth import SynthConfig, synthesize
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its descendants (Ray's raylet, GCS and workers), from
+    /proc: unlike wall time, it does not depend on what else the machine is running."""
+    tick, parents, cpu = os.sysconf("SC_CLK_TCK"), {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(pid)], cpu[int(pid)] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+    mine, grew = {os.getpid()}, True
+    while grew:
+        new = {pid for pid, parent in parents.items() if parent in mine} - mine
+        mine, grew = mine | new, bool(new)
+    return sum(cpu[pid] for pid in mine)
+
+
+def serial(root: str, out: Path) -> tuple[int, float]:
+    """The same per-image work in one process: list, read, decode, validate, convert, encode, write."""
+    start = time.perf_counter()
+    layout = get_layout("voc")
+    samples, _ = layout.list_split(root, "train")
+    fs, _ = storage.filesystem(root)
+    rows = [convert_sample(s, layout, fs, None) for s in samples]
+    table = pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in rows], schema=parquet_schema())
+    pq.write_table(table, out / "serial.parquet", compression="snappy", use_dictionary=False)
+    return len(rows), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num", type=int, default=500, help="images (default: 500)")
+    parser.add_argument("--size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"))
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="Ray CPUs (default: all cores)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timed runs of each; the best is kept (default: 3)"
+    )
+    parser.add_argument("--workdir", default="bench/out/prepare")
+    parser.add_argument("--json-out", default="bench/out/prepare.json")
+    args = parser.parse_args()
+
+    import ray
+
+    load = os.getloadavg()[0]  # other processes on the machine skew both sides; reported with the figures
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    src = synthesize(
+        SynthConfig("voc", str(work / "src"), num_train=args.num, num_val=0, size=tuple(args.size))
+    )
+    warm = synthesize(SynthConfig("voc", str(work / "warm"), num_train=64, num_val=0, size=tuple(args.size)))
+
+    t0 = time.perf_counter()
+    # address="local": a fresh instance with exactly --num-cpus, even if one was started with `ray start`.
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+    ray_start = time.perf_counter() - t0
+    prepare(PrepareConfig("voc", str(warm), str(work / "warm-out"), splits=("train",), progress=False))
+
+    # Best of --repeat for each side: the machine may be shared, and the minimum is the least disturbed run.
+    ray_s = serial_s = ray_cpu = serial_cpu = float("inf")
+    for rep in range(args.repeat):
+        cpu0, t0 = tree_cpu_seconds(), time.perf_counter()
+        result = prepare(
+            PrepareConfig("voc", str(src), str(work / f"ray-out-{rep}"), splits=("train",), progress=False)
+        )
+        ray_s, ray_cpu = min(ray_s, time.perf_counter() - t0), min(ray_cpu, tree_cpu_seconds() - cpu0)
+        cpu0 = time.process_time()
+        count, seconds = serial(str(src), work)
+        serial_s, serial_cpu = min(serial_s, seconds), min(serial_cpu, time.process_time() - cpu0)
+        assert count == result.splits["train"].rows == args.num
+    ray.shutdown()
+
+    figures = {
+        "images": args.num,
+        "size": f"{args.size[1]}x{args.size[0]}",
+        "cores": os.cpu_count(),
+        "ray_cpus": args.num_cpus,
+        "cpu": platform.processor() or platform.machine(),
+        "serial_images_per_s": round(count / serial_s, 1),
+        "ray_images_per_s": round(args.num / ray_s, 1),
+        "speedup": round(serial_s / ray_s, 2),
+        "serial_cpu_s": round(serial_cpu, 2),
+        "ray_cpu_s": round(ray_cpu, 2),  # driver + raylet/GCS + workers
+        "ray_start_s": round(ray_start, 1),
+        "mb_written": result.mb_written,
+        "load_average_1min_before": round(load, 2),
+    }
+    print(
+        f"prepare {args.num} VOC-like images ({figures['size']}) on {figures['cores']} cores:\n"
+        f"  single-process loop: {figures['serial_images_per_s']:8.1f} images/s\n"
+        f"  Ray Data prepare   : {figures['ray_images_per_s']:8.1f} images/s  ({figures['speedup']:.2f}x; "
+        f"target >= {0.8 * args.num_cpus:.1f}x)\n"
+        f"  CPU seconds: single process {figures['serial_cpu_s']}, Ray (driver, raylet, workers) "
+        f"{figures['ray_cpu_s']}: on {args.num_cpus} idle cores at most "
+        f"{args.num_cpus * serial_cpu / ray_cpu:.2f}x\n"
+        f"  (best of {args.repeat}; Ray start-up {figures['ray_start_s']} s not counted; {figures['mb_written']} MB "
+        f"written; load average before the run {figures['load_average_1min_before']})"
+    )
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Fixtures shared by every test package."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (starting Ray costs seconds).
+
+    Tolerant of a Ray that is already running (a test module that built its own cluster, or $RAY_ADDRESS):
+    it is used as is and left for its owner to shut down.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # address="local": a fresh instance even when another one on this machine was started with
+        # `ray start` (plain ray.init() would attach to that one and reject num_cpus).
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    yield ray
+    if started and ray.is_initialized():
+        ray.shutdown()
