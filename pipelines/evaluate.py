@@ -49,23 +49,33 @@ def crf_params_for(model, settings: InferenceSettings):
         raise UserError(f"bad CRF parameters {values}: {err}") from None
 
 
-def predict_image(model, image: np.ndarray, settings: InferenceSettings) -> np.ndarray:
-    """uint8 H,W,3 image -> float32 C,H,W class probabilities with the model's TTA/slide/CRF settings."""
+def predict_batch(model, images: np.ndarray, settings: InferenceSettings):
+    """uint8 N,H,W,3 images of one size -> float32 N,C,H,W probabilities (torch, on the model's device).
+
+    The network part of `predict_image` (scales, flip, sliding window; no CRF), for a batch; the serving
+    endpoint runs each ensemble member through it on dynamically batched requests.
+    """
     import torch
 
-    from segmodels.crf import dense_crf
     from segmodels.inference import predict_tta
 
-    x = model.normalize(torch.from_numpy(np.ascontiguousarray(image))[None])
+    device = next(model.ensemble.parameters()).device
+    x = model.normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device))
     if model.spec.input_scale != 1.0:
         scales = tuple(s * model.spec.input_scale for s in settings.scales)
     else:
         scales = settings.scales
     crop, stride = settings.slide if settings.slide else (None, None)
     with torch.no_grad():
-        probs = predict_tta(model.ensemble, x, scales=scales, flip=settings.flip,
-                            mode="slide" if settings.slide else "whole", crop=crop, stride=stride)[0]
-    probs = probs.float().numpy()
+        return predict_tta(model.ensemble, x, scales=scales, flip=settings.flip,
+                           mode="slide" if settings.slide else "whole", crop=crop, stride=stride).float()
+
+
+def predict_image(model, image: np.ndarray, settings: InferenceSettings) -> np.ndarray:
+    """uint8 H,W,3 image -> float32 C,H,W class probabilities with the model's TTA/slide/CRF settings."""
+    from segmodels.crf import dense_crf
+
+    probs = predict_batch(model, image[None], settings)[0].cpu().numpy()
     if settings.crf:
         probs = dense_crf(image, probs, crf_params_for(model, settings))
     return probs
