@@ -20,6 +20,66 @@ def _write_json(path: str | None, payload: dict) -> None:
         Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+# ---------------------------------------------------------------------------------------------- synth
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a small learnable dataset in a published layout (VOC, SBD, COCO, Cityscapes)",
+                       description="Write a synthetic dataset in exactly the published layout and file naming, "
+                       "for the demo and the tests: each class has its own colour and shape. Pass the result to "
+                       "`segpipe prepare --root` (layout coco serves both --dataset coco and coco_voc).")
+    p.add_argument("--layout", required=True, choices=["voc", "voc_aug", "coco", "cityscapes"])
+    p.add_argument("--out", required=True, help="folder to create the dataset in")
+    p.add_argument("--num-train", type=int, default=32, help="training images (default: 32)")
+    p.add_argument("--num-val", type=int, default=16, help="validation images (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="fixed image size (default: 96x128 to 120x160, varying; Cityscapes 96x192)")
+    p.set_defaults(run=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> None:
+    from pipelines.synth import SynthConfig, synthesize
+
+    cfg = SynthConfig(layout=args.layout, out=args.out, num_train=args.num_train, num_val=args.num_val,
+                      seed=args.seed, size=tuple(args.size) if args.size else None)
+    print(f"wrote {args.num_train} train + {args.num_val} val images ({args.layout} layout) to {synthesize(cfg)}")
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="validate a published dataset and write parquet shards + manifest (Ray Data)",
+                       description="Read a dataset as published (local folder or s3://bucket/prefix), decode and "
+                       "validate every sample, convert its labels to class masks and write DST/{split}/*.parquet, "
+                       "DST/quarantine.jsonl and DST/manifest.json (last). S3 uses AWS_ENDPOINT_URL and the "
+                       "standard AWS credential variables.")
+    p.add_argument("--dataset", required=True, choices=["voc", "voc_aug", "coco", "coco_voc", "cityscapes"])
+    p.add_argument("--root", required=True, help="the dataset as published: folder or s3://bucket/prefix")
+    p.add_argument("--out", required=True, help="where to write the prepared dataset: folder or s3://bucket/prefix")
+    p.add_argument("--splits", default="", help="comma-separated splits (default: train,val)")
+    p.add_argument("--max-side", type=int, help="downscale so the longer side is at most this (default: keep sizes)")
+    p.add_argument("--shard-mb", type=float, default=128.0, help="target parquet shard size in MB (default: 128)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="fail, publishing nothing, if more samples than this are quarantined (default: 0.01)")
+    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--json-out", help="also write the summary as JSON to this file")
+    p.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    from pipelines.prepare import PrepareConfig, TooManyBadSamples, format_summary, prepare
+
+    cfg = PrepareConfig(dataset=args.dataset, root=args.root, out=args.out,
+                        splits=tuple(s for s in args.splits.split(",") if s), max_side=args.max_side,
+                        shard_mb=args.shard_mb, max_bad_fraction=args.max_bad_fraction, progress=not args.no_progress)
+    try:
+        result = prepare(cfg)
+    except TooManyBadSamples as err:
+        print(format_summary(err.result))
+        _write_json(args.json_out, err.result.to_dict())
+        raise
+    print(format_summary(result))
+    _write_json(args.json_out, result.to_dict())
+
+
 # ---------------------------------------------------------------------------------------------- models
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="build every architecture, run one forward pass, print params and GMACs")
@@ -51,6 +111,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="recipe YAML, e.g. pipelines/configs/deeplab_largefov_voc.yaml")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="keyword argument for build_model, repeatable (e.g. width=0.25, backbone=resnet18)")
+    p.add_argument("--pretrained", help="local torchvision ImageNet state dict (.safetensors or .pth) for the backbone")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per worker per step")
     p.add_argument("--crop", type=int, help="training crop size in pixels")
@@ -71,7 +132,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from pipelines.train import train
 
     cfg = load_train_config(
-        args.config, model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
+        args.config, model=args.model, data=args.data, pretrained=args.pretrained, epochs=args.epochs, batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, num_workers=args.num_workers, use_gpu=args.use_gpu, amp=args.amp,
         tracking_uri=args.tracking_uri, experiment=args.experiment, run_name=args.run_name,
         storage=args.storage, model_args=parse_key_values(args.model_arg, option="--model-arg") or None,
@@ -233,19 +294,56 @@ def _run_retrain(args: argparse.Namespace) -> None:
     _write_json(args.json_out, result)
 
 
+# ---------------------------------------------------------------------------------------------- serve
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP with Ray Serve (autoscaled, follows an alias)",
+                       description="Serve a model on Ray Serve until Ctrl-C: POST /v1/segment, GET /v1/model, "
+                       "an upload page at /, API docs at /docs. With models:/NAME@ALIAS the endpoint switches to "
+                       "the version the alias points at, without downtime.")
+    p.add_argument("--model-uri", required=True,
+                   help="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS (followed) or a model folder")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--min-replicas", type=int, default=1, help="fewest replicas per member model (default: 1)")
+    p.add_argument("--max-replicas", type=int, default=2, help="most replicas per member model (default: 2)")
+    p.add_argument("--member-gpus", type=float, default=0.0,
+                   help="GPUs per member-model replica, e.g. 1 or 0.5 (default: 0, CPU)")
+    p.add_argument("--crf", action="store_true", help="dense CRF post-processing with the model's parameters")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from pipelines.serve import ServeConfig, serve_forever
+
+    serve_forever(ServeConfig(model_uri=args.model_uri, tracking_uri=args.tracking_uri or "", host=args.host,
+                              port=args.port, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                              member_gpus=args.member_gpus, crf=args.crf))
+
+
 # ---------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on generated data, on this machine")
+    p = sub.add_parser("demo", help="run the whole pipeline on generated data, on this machine",
+                       description="synth (VOC layout) -> prepare -> tune two architectures -> ensemble -> "
+                       "register and promote -> Ray Serve -> real HTTP requests, all locally.")
+    p.add_argument("--workdir", default="demo", help="where data, runs and overlays go (default: ./demo)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
+    p.add_argument("--trials", type=int, default=2, help="trials per architecture (default: 2)")
+    p.add_argument("--port", type=int, default=8000, help="serving port on 127.0.0.1 (default: 8000)")
+    p.add_argument("--keep-serving", action="store_true", help="leave the endpoint up until Ctrl-C")
+    p.add_argument("--json-out", help="write the demo's results here")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from pipelines.demo import run_demo
+    from pipelines.demo import DemoConfig, run_demo
 
-    run_demo()
+    summary = run_demo(DemoConfig(workdir=args.workdir, epochs=args.epochs, trials=args.trials, port=args.port,
+                                  keep_serving=args.keep_serving))
+    _write_json(args.json_out, summary)
 
 
-COMMANDS = [_add_models, _add_train, _add_tune, _add_evaluate, _add_ensemble, _add_promote, _add_retrain, _add_demo]
+COMMANDS = [_add_synth, _add_prepare, _add_models, _add_train, _add_tune, _add_evaluate, _add_ensemble, _add_promote, _add_retrain, _add_serve, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,7 @@ class TrainConfig:
     model: str = "fcn8s"
     data: str = ""
     model_args: dict[str, Any] = field(default_factory=dict)
+    pretrained: str = ""  # local torchvision ImageNet state dict (.safetensors/.pth) for the backbone
     # Optimisation (paper recipes live in pipelines/configs/).
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.01

@@ -53,6 +53,12 @@ def check_model(cfg: TrainConfig, num_classes: int) -> None:
             segmodels.build_model(cfg.model, num_classes, **args)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot build {cfg.model} with {args}: {err}") from None
+    if cfg.pretrained:
+        # Load into a CPU copy now: a missing file, a wrong architecture or a width != 1 fails here, not in a worker.
+        try:
+            segmodels.load_backbone_weights(segmodels.build_model(cfg.model, num_classes, **args), cfg.pretrained)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--pretrained {cfg.pretrained}: {err}") from None
 
 
 def check_storage(storage: str) -> str:

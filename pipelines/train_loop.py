@@ -162,6 +162,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
     model = build_model(cfg.model, len(classes), **cfg.model_args)
+    if cfg.pretrained and ray.train.get_checkpoint() is None:
+        from segmodels import load_backbone_weights
+
+        load_backbone_weights(model, cfg.pretrained)
     if cfg.sync_bn and cfg.use_gpu and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:

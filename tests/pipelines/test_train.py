@@ -28,21 +28,21 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp_path):
-    result = train(tiny_config(epochs=8, run_name="learn"))
+    result = train(tiny_config(epochs=16, lr_policy="fixed", run_name="learn"))
     client = MlflowClient(mlflow_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     for key in EPOCH_METRICS:
-        assert steps(client, result.run_id, key) == list(range(8)), key
+        assert steps(client, result.run_id, key) == list(range(16)), key
     assert any(k.startswith("val_iou_") for k in run.data.metrics)
-    assert run.data.params["cfg.model"] == "deeplab_largefov"
+    assert run.data.params["cfg.model"] == "unet"
     assert len(run.data.params["dataset_fingerprint"]) >= 16
     losses = [m.value for m in sorted(client.get_metric_history(result.run_id, "train_loss"), key=lambda m: m.step)]
     mious = [m.value for m in sorted(client.get_metric_history(result.run_id, "val_miou"), key=lambda m: m.step)]
     print(f"\nlearning curve: loss {[round(v, 3) for v in losses]}\n                val mIoU {[round(v, 3) for v in mious]}")
     assert losses[-1] < losses[0]
-    # 21 VOC classes: chance is ~0.05 mIoU; predicting only background scores ~0.04 here.
-    assert result.metrics["val_miou"] > 0.15
+    # 21 VOC classes: predicting only background scores 0.056 on this split; chance is lower still.
+    assert result.metrics["val_miou"] > 0.10
 
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"model", "overlays", "confusion_matrix.png"} <= names
@@ -54,7 +54,7 @@ def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp
     from segmodels.artifact import load_model_dir
 
     model = load_model_dir(download_model(result.model_uri, mlflow_uri))
-    assert model.spec.members[0].arch == "deeplab_largefov"
+    assert model.spec.members[0].arch == "unet"
     assert model.spec.classes[0] == "background" and len(model.spec.classes) == 21
     assert Path(result.checkpoint).name.startswith("checkpoint_epoch_")
 
@@ -111,6 +111,7 @@ def test_killed_worker_restarts_from_checkpoint(tiny_config, mlflow_uri, tmp_pat
         (["--model-arg", "num_classes=5"], "disagrees with the dataset manifest (21 classes)"),
         (["--model-arg", "widht=0.5"], "cannot build deeplab_largefov"),
         (["--use-gpu"], "GPU"),
+        (["--pretrained", "{tmp}/vgg16.pth"], "does not exist"),
         (["--storage", "/proc/segpipe-cannot-write"], "not writable"),
         (["--batch-size", "100"], "lower --batch-size"),
     ],
