@@ -118,13 +118,20 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     return value
 
 
+# Names other tools use for our keys, so a config written for them gets a pointed hint.
+SYNONYMS = {"learning_rate": "lr", "base_lr": "lr", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size",
+            "crop_size": "crop", "num_epochs": "epochs", "max_epochs": "epochs", "arch": "model",
+            "workers": "num_workers", "gpu": "use_gpu", "precision": "amp"}
+
+
 def make_config(cls: type, values: dict[str, Any], *, source: str = "config") -> Any:
     """Build frozen dataclass `cls` from a flat dict, rejecting unknown keys with a did-you-mean hint."""
     hints = get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = [SYNONYMS[unknown[0]]] if SYNONYMS.get(unknown[0]) in known else []
+        hint = hint or difflib.get_close_matches(unknown[0], known, n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise UserError(
             f"{source}: unknown key(s) {', '.join(unknown)}{suggestion}; valid keys: {', '.join(sorted(known))}"

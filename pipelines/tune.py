@@ -51,13 +51,17 @@ class SearchConfig:
     scheduler: str = "asha"  # asha | none
     grace_period: int = 1
     reduction_factor: int = 2
-    trial_cpus: float = 0.0  # CPUs held by the trial driver itself; its Ray Train workers hold their own
+    # CPUs held by the trial driver itself (its Ray Train workers hold their own). Ray Tune refuses an empty
+    # request, and the driver only waits on its workers, so a sliver of a CPU.
+    trial_cpus: float = 0.01
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("asha", "none"):
             raise UserError(f"scheduler={self.scheduler!r}: choose asha or none")
         if self.num_samples < 1 or self.max_concurrent < 1:
             raise UserError("num_samples and max_concurrent must be >= 1")
+        if not self.trial_cpus > 0:
+            raise UserError(f"trial_cpus={self.trial_cpus}: must be > 0 (e.g. 0.01; training workers hold their own)")
         if not isinstance(self.architectures, dict) or not self.architectures:
             raise UserError("`architectures` must map at least one model name to {base: ..., space: ...}")
 

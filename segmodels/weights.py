@@ -47,6 +47,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> tuple[list[str]
     """
     source_name = getattr(model, "imagenet_source", None)
     arch = getattr(model, "arch", type(model).__name__)
+    if not Path(path).is_file():  # the first thing to fix, whatever else is wrong
+        raise FileNotFoundError(f"weights file {path} does not exist; pass a local torchvision state dict")
     if source_name is None:
         raise ValueError(
             f"{arch} is trained from scratch in its paper; there are no ImageNet weights to load"

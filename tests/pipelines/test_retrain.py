@@ -32,9 +32,9 @@ def voc_source(tmp_path_factory) -> Path:
                                   num_train=32, num_val=8, seed=5))
 
 
-def retrain_file(folder: Path, source: Path, **overrides) -> Path:
+def retrain_file(folder: Path, voc_root: Path, **overrides) -> Path:
     body = {
-        "name": "t", "source": {"dataset": "voc", "root": str(source)}, "prepared": str(folder / "prepared"),
+        "name": "t", "source": {"dataset": "voc", "root": str(voc_root)}, "prepared": str(folder / "prepared"),
         "storage": str(folder / "ray"), "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
         "experiment": "retrain", "register_as": "retrained",
         "search": {"num_samples": 1, "scheduler": "none", "architectures": {"unet": {"base": UNET}}},
@@ -136,12 +136,15 @@ def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
         out = tmp_path / "job.json"
         runtime_env = {"working_dir": str(REPO),
                        "excludes": [".venv", ".git", "demo", "mlruns", "ray_results", "*.egg-info"]}
-        job = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--runtime-env-json",
-             json.dumps(runtime_env), "--", "python", "-m", "pipelines.cli", "retrain", "--config", str(config),
-             "--json-out", str(out)],
-            env=env, capture_output=True, text=True, timeout=900,
-        )
+        submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--runtime-env-json",
+                  json.dumps(runtime_env), "--", "python", "-m", "pipelines.cli", "retrain", "--config", str(config),
+                  "--json-out", str(out)]
+        # The Jobs API answers before the head's job agent has registered ("No available agent"): retry that.
+        for _ in range(30):
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout.lower()
         result = json.loads(out.read_text())
