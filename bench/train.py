@@ -90,7 +90,9 @@ def main() -> None:
     src = synthesize(SynthConfig("voc", str(work / "src"), num_train=args.num_train, num_val=4, size=(192, 256)))
     import ray
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    from pipelines.runtime import ensure_ray
+
+    ensure_ray(num_cpus=os.cpu_count())
     prepare(PrepareConfig("voc", str(src), str(work / "prepared"), progress=False))
 
     model_args = {"width": args.width, **({"padding": "same"} if args.model == "unet" else {})}

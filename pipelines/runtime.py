@@ -17,8 +17,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         return False
     kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True}
     if not os.environ.get("RAY_ADDRESS"):
-        # A fresh local instance: no dashboard (saves ~1 s and 200 MB), CPUs as asked or all.
-        kwargs.update(include_dashboard=False, num_cpus=num_cpus)
+        # A fresh local instance with CPUs as asked or all. The dashboard (on 127.0.0.1 only) serves Ray's
+        # state API, which Ray Train's PlacementGroupCleaner needs to free the CPUs of a run that Tune stopped
+        # early (ASHA); without it those placement groups leak and later trials wait forever.
+        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus)
     ray.init(**kwargs)
     return True
 

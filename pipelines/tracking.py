@@ -205,7 +205,7 @@ def alias_version(client, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return str(client.get_model_version_by_alias(name, alias).version)  # MLflow 3.x may give an int
     except MlflowException:
         return None
 

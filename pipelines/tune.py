@@ -51,17 +51,20 @@ class SearchConfig:
     scheduler: str = "asha"  # asha | none
     grace_period: int = 1
     reduction_factor: int = 2
-    # CPUs held by the trial driver itself (its Ray Train workers hold their own). Ray Tune refuses an empty
-    # request, and the driver only waits on its workers, so a sliver of a CPU.
-    trial_cpus: float = 0.01
+    # What the trial driver itself holds; its Ray Train workers hold their own CPUs/GPUs. The driver only
+    # waits on them, so no CPU by default (a CPU held here would starve Ray Data on a small machine); Ray
+    # Tune refuses an empty request, hence the memory it does use.
+    trial_cpus: float = 0.0
+    trial_memory_mb: int = 256
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("asha", "none"):
             raise UserError(f"scheduler={self.scheduler!r}: choose asha or none")
         if self.num_samples < 1 or self.max_concurrent < 1:
             raise UserError("num_samples and max_concurrent must be >= 1")
-        if not self.trial_cpus > 0:
-            raise UserError(f"trial_cpus={self.trial_cpus}: must be > 0 (e.g. 0.01; training workers hold their own)")
+        if self.trial_cpus < 0 or self.trial_memory_mb < 1:
+            raise UserError(f"trial_cpus={self.trial_cpus}, trial_memory_mb={self.trial_memory_mb}: need "
+                            "trial_cpus >= 0 and trial_memory_mb >= 1")
         if not isinstance(self.architectures, dict) or not self.architectures:
             raise UserError("`architectures` must map at least one model name to {base: ..., space: ...}")
 
@@ -160,11 +163,13 @@ def _tuner(search: SearchConfig, a: ArchSearch, *, parent_run_id: str, storage: 
     epochs = int(a.base.get("epochs", TrainConfig.epochs))
     scheduler = FIFOScheduler()
     if search.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=search.grace_period,
+        # max_t one past the last epoch: ASHA stops any trial that reaches max_t the moment it reports, which
+        # would kill a finished trial before it logs its model and closes its MLflow run.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=search.grace_period,
                                   reduction_factor=search.reduction_factor)
     base = trial_config(search, a, {}, "", parent_run_id, str(Path(storage) / "train")).to_dict()
     base = {k: v for k, v in base.items() if k not in a.space and k != "run_name"}
-    trainable = tune.with_resources(run_trial, {"CPU": search.trial_cpus})
+    trainable = tune.with_resources(run_trial, {"CPU": search.trial_cpus, "memory": search.trial_memory_mb * 2**20})
     path = str(Path(storage) / tune_name)
     if tune.Tuner.can_restore(path):
         print(f"[segpipe] restoring search {tune_name} from {path}")
@@ -225,8 +230,14 @@ def tune_search(search: SearchConfig, archs: list[ArchSearch], parent_run_id: st
     search = dataclasses.replace(search, tracking_uri=uri)
     ensure_ray()
     client = tracking.connect(uri)
+    # Tune state already in this storage means this search ran before: continue its MLflow run too, even
+    # if that finished, so restored trials stay nested under the same parent.
+    from ray import tune
+
+    restorable = any(tune.Tuner.can_restore(str(Path(storage) / f"{search.name}-{a.arch}")) for a in archs)
     parent_id, resumed = tracking.start_or_resume_run(client, search.experiment, search.name,
-                                                      tags={"segpipe.stage": "tune"}, parent_run_id=parent_run_id)
+                                                      tags={"segpipe.stage": "tune"}, parent_run_id=parent_run_id,
+                                                      reuse_finished=restorable)
     print(f"[segpipe] {'resuming' if resumed else 'starting'} search {search.name} (MLflow run {parent_id})")
     tracking.log_params(client, parent_id, {"num_samples": search.num_samples, "scheduler": search.scheduler,
                                             "architectures": ",".join(a.arch for a in archs)})

@@ -23,7 +23,8 @@ def ray_session():
         ray.init(
             address="local",
             num_cpus=4,
-            include_dashboard=False,
+            include_dashboard=True,  # Ray's state API: Ray Train frees stopped trials' CPUs through it
+            dashboard_host="127.0.0.1",
             logging_level=logging.WARNING,
             configure_logging=True,
         )

@@ -117,11 +117,14 @@ def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
     """`ray start --head` on 127.0.0.1 (token auth), `ray job submit --working-dir`, wait, check the champion."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
     temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=3", f"--temp-dir={temp}",
+         # Free ports for the node's job agent: the defaults may be held by the test session's own Ray.
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}",
          "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
