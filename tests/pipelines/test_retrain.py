@@ -16,6 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipelines import tracking
 from pipelines.retrain import load_retrain, retrain
 
 pytestmark = pytest.mark.slow
@@ -73,8 +74,8 @@ def test_promotes_then_is_idempotent_then_keeps_champion_without_a_margin_win(vo
     assert third["cycle"] != first["cycle"]
     assert third["steps"]["prepare"]["output"]["skipped"]  # the source did not change
     assert not third["promoted"] and third["champion_version"] == "1"
-    assert client.get_model_version_by_alias("retrained", "champion").version == "1"
-    assert client.get_model_version_by_alias("retrained", "challenger").version == "2"
+    assert tracking.alias_version(client, "retrained", "champion") == "1"
+    assert tracking.alias_version(client, "retrained", "challenger") == "2"
     assert client.get_run(third["run_id"]).data.tags["segpipe.decision"] == "kept champion"
 
 
@@ -153,7 +154,7 @@ def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
         result = json.loads(out.read_text())
         assert result["promoted"]
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-        assert client.get_model_version_by_alias("retrained", "champion").version == result["champion_version"]
+        assert tracking.alias_version(client, "retrained", "champion") == result["champion_version"]
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
