@@ -40,6 +40,20 @@ def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:
     return colours
 
 
+def listed_pairs(base: str, lists: str, split: str, images: tuple[str, str], labels: tuple[str, str]):
+    """The samples named in `{lists}/{split}.txt` under `base`: image and label folders with their suffixes."""
+    folder = storage.join(base, *lists.split("/")) if lists else base
+    available = sorted(n[:-4] for n in storage.list_files(folder, recursive=False) if n.endswith(".txt"))
+    ids = read_split_list(storage.join(folder, f"{split}.txt"), available)
+    return paired_samples(
+        split,
+        ids,
+        images=(storage.join(base, images[0]), images[1]),
+        labels=(storage.join(base, labels[0]), labels[1]),
+        listed_in=f"{lists}/{split}.txt" if lists else f"{split}.txt",
+    )
+
+
 class Voc(Layout):
     """`JPEGImages/{id}.jpg` + palette PNG `SegmentationClass/{id}.png`, ids in `ImageSets/Segmentation`."""
 
@@ -55,15 +69,8 @@ class Voc(Layout):
             "ImageSets/Segmentation",
             "PASCAL VOC 2012 (VOCdevkit/VOC2012)",
         )
-        lists = storage.join(base, "ImageSets", "Segmentation")
-        available = sorted(n[:-4] for n in storage.list_files(lists, recursive=False) if n.endswith(".txt"))
-        ids = read_split_list(storage.join(lists, f"{split}.txt"), available)
-        return paired_samples(
-            split,
-            ids,
-            images=(storage.join(base, "JPEGImages"), ".jpg"),
-            labels=(storage.join(base, "SegmentationClass"), ".png"),
-            listed_in=f"ImageSets/Segmentation/{split}.txt",
+        return listed_pairs(
+            base, "ImageSets/Segmentation", split, ("JPEGImages", ".jpg"), ("SegmentationClass", ".png")
         )
 
     def label_to_mask(self, sample: Sample, label: bytes | None) -> np.ndarray:
@@ -81,15 +88,7 @@ class VocAug(Layout):
         base = first_existing(
             root, ["benchmark_RELEASE/dataset", "dataset", ""], "cls", "SBD (benchmark_RELEASE/dataset)"
         )
-        available = sorted(n[:-4] for n in storage.list_files(base, recursive=False) if n.endswith(".txt"))
-        ids = read_split_list(storage.join(base, f"{split}.txt"), available)
-        return paired_samples(
-            split,
-            ids,
-            images=(storage.join(base, "img"), ".jpg"),
-            labels=(storage.join(base, "cls"), ".mat"),
-            listed_in=f"{split}.txt",
-        )
+        return listed_pairs(base, "", split, ("img", ".jpg"), ("cls", ".mat"))
 
     def label_to_mask(self, sample: Sample, label: bytes | None) -> np.ndarray:
         import scipy.io
