@@ -42,7 +42,9 @@ def model_folder(folder: Path, arch: str, width: float) -> Path:
         name="bench",
         classes=[f"c{i}" for i in range(NUM_CLASSES)],
         palette=[[(37 * i) % 256, (91 * i) % 256, (53 * i) % 256] for i in range(NUM_CLASSES)],
-        members=[MemberSpec(arch=arch, num_classes=NUM_CLASSES, weights="member0.safetensors", model_args=args)],
+        members=[
+            MemberSpec(arch=arch, num_classes=NUM_CLASSES, weights="member0.safetensors", model_args=args)
+        ],
         ensemble_weights=[1.0],
         mean=list(segmodels.IMAGENET_MEAN),
         std=list(segmodels.IMAGENET_STD),
@@ -67,12 +69,18 @@ def time_per_image(fn, images: list[np.ndarray]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="deeplab_largefov", choices=segmodels.MODELS)
-    parser.add_argument("--width", type=float, default=1.0, help="channel width of VGG/U-Net models (default: 1)")
+    parser.add_argument(
+        "--width", type=float, default=1.0, help="channel width of VGG/U-Net models (default: 1)"
+    )
     parser.add_argument("--images", type=int, default=3, help="timed images per setting (default: 3)")
     parser.add_argument("--size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"))
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
+    )
     parser.add_argument("--json-out", default="bench/out/evaluate.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,17 +95,32 @@ def main() -> None:
         "sliding window 321/214": InferenceSettings(slide=(321, 214)),
         "TTA 0.75,1,1.25 + flip": InferenceSettings(scales=(0.75, 1.0, 1.25), flip=True),
     }
-    seconds = {name: time_per_image(lambda im, s=s: predict_image(model, im, s), images) for name, s in settings.items()}
+    seconds = {
+        name: time_per_image(lambda im, s=s: predict_image(model, im, s), images)
+        for name, s in settings.items()
+    }
 
     probs = {id(im): predict_image(model, im, settings["whole"]) for im in images}
-    seconds["dense CRF (10 iterations)"] = time_per_image(lambda im: dense_crf(im, probs[id(im)], CRFParams()), images)
+    seconds["dense CRF (10 iterations)"] = time_per_image(
+        lambda im: dense_crf(im, probs[id(im)], CRFParams()), images
+    )
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
-    print(f"\n{args.model} (width {args.width:g}, {NUM_CLASSES} classes) on {width}x{height} images; {machine}\n")
-    print(format_table(["setting", "s / image", "images/s"],
-                       [[name, round(s, 3), round(1 / s, 2)] for name, s in seconds.items()]))
-    print(f"\nDeepLab (ICLR 2015) reports ~0.5 s per VOC image for its CRF on a CPU; here "
-          f"{seconds['dense CRF (10 iterations)']:.2f} s.")
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
+    )
+    print(
+        f"\n{args.model} (width {args.width:g}, {NUM_CLASSES} classes) on {width}x{height} images; {machine}\n"
+    )
+    print(
+        format_table(
+            ["setting", "s / image", "images/s"],
+            [[name, round(s, 3), round(1 / s, 2)] for name, s in seconds.items()],
+        )
+    )
+    print(
+        f"\nDeepLab (ICLR 2015) reports ~0.5 s per VOC image for its CRF on a CPU; here "
+        f"{seconds['dense CRF (10 iterations)']:.2f} s."
+    )
     result = {
         "machine": machine,
         "model": args.model,

@@ -67,19 +67,31 @@ def timed_epochs(cfg: TrainConfig, batches_per_epoch, epochs: int) -> list[float
     rates, iteration = [], 0
     for _ in range(epochs):
         started = time.perf_counter()
-        _, images, iteration = train_one_epoch(model, optimizer, scaler, batches_per_epoch(), cfg,
-                                               torch.device("cpu"), iteration=iteration, iters_per_epoch=10**6)
+        _, images, iteration = train_one_epoch(
+            model,
+            optimizer,
+            scaler,
+            batches_per_epoch(),
+            cfg,
+            torch.device("cpu"),
+            iteration=iteration,
+            iters_per_epoch=10**6,
+        )
         rates.append(images / (time.perf_counter() - started))
     return rates
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="unet")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of each; the first is warm-up (default: 4)")
+    parser.add_argument(
+        "--epochs", type=int, default=4, help="epochs of each; the first is warm-up (default: 4)"
+    )
     parser.add_argument("--num-train", type=int, default=96)
     parser.add_argument("--workdir", default="bench/out/train")
     parser.add_argument("--json-out", default="bench/out/train.json")
@@ -87,7 +99,9 @@ def main() -> None:
 
     work = Path(args.workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
-    src = synthesize(SynthConfig("voc", str(work / "src"), num_train=args.num_train, num_val=4, size=(192, 256)))
+    src = synthesize(
+        SynthConfig("voc", str(work / "src"), num_train=args.num_train, num_val=4, size=(192, 256))
+    )
     import ray
 
     from pipelines.runtime import ensure_ray
@@ -96,10 +110,24 @@ def main() -> None:
     prepare(PrepareConfig("voc", str(src), str(work / "prepared"), progress=False))
 
     model_args = {"width": args.width, **({"padding": "same"} if args.model == "unet" else {})}
-    cfg = TrainConfig(model=args.model, data=str(work / "prepared"), model_args=model_args, crop=args.crop,
-                      batch_size=args.batch_size, epochs=args.epochs, optimizer="sgd", lr=0.01, momentum=0.9,
-                      num_workers=1, cpus_per_worker=1, num_overlays=0, storage=str(work / "ray"),
-                      tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment="bench", run_name="bench-train")
+    cfg = TrainConfig(
+        model=args.model,
+        data=str(work / "prepared"),
+        model_args=model_args,
+        crop=args.crop,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.9,
+        num_workers=1,
+        cpus_per_worker=1,
+        num_overlays=0,
+        storage=str(work / "ray"),
+        tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
+        experiment="bench",
+        run_name="bench-train",
+    )
     params = AugmentParams.from_train_config(cfg)
 
     started = time.perf_counter()
@@ -112,8 +140,9 @@ def main() -> None:
     torch.set_num_threads(1)  # as the Ray Train worker (cpus_per_worker=1)
     files = open_prepared(cfg.data).manifest.split_files("train")
     rows = ParquetRows(files, params)
-    loader = torch.utils.data.DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=1, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=1, persistent_workers=True
+    )
     plain_rates = timed_epochs(cfg, lambda: iter(loader), args.epochs)
     preloaded = [batch for batch in loader]
     preloaded_rates = timed_epochs(cfg, lambda: iter(preloaded), args.epochs)
@@ -130,12 +159,19 @@ def main() -> None:
         "segpipe_images_per_s": round(steady(segpipe_rates), 2),
         "plain_loop_images_per_s": round(steady(plain_rates), 2),
         "preloaded_images_per_s": round(steady(preloaded_rates), 2),
-        "per_epoch": {"segpipe": [round(r, 2) for r in segpipe_rates], "plain": [round(r, 2) for r in plain_rates],
-                      "preloaded": [round(r, 2) for r in preloaded_rates]},
+        "per_epoch": {
+            "segpipe": [round(r, 2) for r in segpipe_rates],
+            "plain": [round(r, 2) for r in plain_rates],
+            "preloaded": [round(r, 2) for r in preloaded_rates],
+        },
         "segpipe_wall_s": round(segpipe_wall, 1),
     }
-    figures["segpipe_vs_plain"] = round(figures["segpipe_images_per_s"] / figures["plain_loop_images_per_s"], 3)
-    figures["data_stall_ratio"] = round(figures["segpipe_images_per_s"] / figures["preloaded_images_per_s"], 3)
+    figures["segpipe_vs_plain"] = round(
+        figures["segpipe_images_per_s"] / figures["plain_loop_images_per_s"], 3
+    )
+    figures["data_stall_ratio"] = round(
+        figures["segpipe_images_per_s"] / figures["preloaded_images_per_s"], 3
+    )
     print(
         f"\n{figures['model']}, crop {args.crop}, batch {args.batch_size}, {args.num_train} images/epoch, "
         f"on {figures['machine']} (median of epochs 2..{args.epochs}; one compute thread each):\n"

@@ -33,14 +33,21 @@ class AugmentParams:
     @classmethod
     def from_train_config(cls, cfg) -> AugmentParams:
         return cls(
-            crop=cfg.crop, scale_min=cfg.scale_min, scale_max=cfg.scale_max, flip=cfg.flip,
-            rotate_deg=cfg.rotate_deg, jitter=cfg.jitter, blur=cfg.blur, elastic=cfg.elastic,
+            crop=cfg.crop,
+            scale_min=cfg.scale_min,
+            scale_max=cfg.scale_max,
+            flip=cfg.flip,
+            rotate_deg=cfg.rotate_deg,
+            jitter=cfg.jitter,
+            blur=cfg.blur,
+            elastic=cfg.elastic,
             unet_weights=cfg.pixel_weight == "unet",
         )
 
 
-def elastic_deform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, grid: int = 3,
-                   std: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+def elastic_deform(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, grid: int = 3, std: float = 10.0
+) -> tuple[np.ndarray, np.ndarray]:
     """U-Net's elastic deformation: random displacements on a coarse grid, bicubically interpolated."""
     from scipy.ndimage import map_coordinates, zoom
 
@@ -50,7 +57,8 @@ def elastic_deform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     coords = np.stack([yy + field[0], xx + field[1]])
     warped = np.stack(
-        [map_coordinates(image[..., c], coords, order=3, mode="reflect") for c in range(image.shape[2])], axis=-1
+        [map_coordinates(image[..., c], coords, order=3, mode="reflect") for c in range(image.shape[2])],
+        axis=-1,
     )
     warped_mask = map_coordinates(mask, coords, order=0, mode="constant", cval=IGNORE)
     return np.clip(warped, 0, 255).astype(np.uint8), warped_mask.astype(np.uint8)
@@ -67,8 +75,9 @@ def photometric_jitter(image: np.ndarray, strength: float, rng: np.random.Genera
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def augment_sample(image: np.ndarray, mask: np.ndarray, p: AugmentParams,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augment_sample(
+    image: np.ndarray, mask: np.ndarray, p: AugmentParams, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """One HxWx3 uint8 image and HxW mask -> crop x crop pair."""
     pil_img, pil_mask = Image.fromarray(image), Image.fromarray(mask)
     scale = rng.uniform(p.scale_min, p.scale_max)

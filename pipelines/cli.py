@@ -22,43 +22,72 @@ def _write_json(path: str | None, payload: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- synth
 def _add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="write a small learnable dataset in a published layout (VOC, SBD, COCO, Cityscapes)",
-                       description="Write a synthetic dataset in exactly the published layout and file naming, "
-                       "for the demo and the tests: each class has its own colour and shape. Pass the result to "
-                       "`segpipe prepare --root` (layout coco serves both --dataset coco and coco_voc).")
+    p = sub.add_parser(
+        "synth",
+        help="write a small learnable dataset in a published layout (VOC, SBD, COCO, Cityscapes)",
+        description="Write a synthetic dataset in exactly the published layout and file naming, "
+        "for the demo and the tests: each class has its own colour and shape. Pass the result to "
+        "`segpipe prepare --root` (layout coco serves both --dataset coco and coco_voc).",
+    )
     p.add_argument("--layout", required=True, choices=["voc", "voc_aug", "coco", "cityscapes"])
     p.add_argument("--out", required=True, help="folder to create the dataset in")
     p.add_argument("--num-train", type=int, default=32, help="training images (default: 32)")
     p.add_argument("--num-val", type=int, default=16, help="validation images (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="fixed image size (default: 96x128 to 120x160, varying; Cityscapes 96x192)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="fixed image size (default: 96x128 to 120x160, varying; Cityscapes 96x192)",
+    )
     p.set_defaults(run=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> None:
     from pipelines.synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(layout=args.layout, out=args.out, num_train=args.num_train, num_val=args.num_val,
-                      seed=args.seed, size=tuple(args.size) if args.size else None)
-    print(f"wrote {args.num_train} train + {args.num_val} val images ({args.layout} layout) to {synthesize(cfg)}")
+    cfg = SynthConfig(
+        layout=args.layout,
+        out=args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        seed=args.seed,
+        size=tuple(args.size) if args.size else None,
+    )
+    print(
+        f"wrote {args.num_train} train + {args.num_val} val images ({args.layout} layout) to {synthesize(cfg)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- prepare
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="validate a published dataset and write parquet shards + manifest (Ray Data)",
-                       description="Read a dataset as published (local folder or s3://bucket/prefix), decode and "
-                       "validate every sample, convert its labels to class masks and write DST/{split}/*.parquet, "
-                       "DST/quarantine.jsonl and DST/manifest.json (last). S3 uses AWS_ENDPOINT_URL and the "
-                       "standard AWS credential variables.")
+    p = sub.add_parser(
+        "prepare",
+        help="validate a published dataset and write parquet shards + manifest (Ray Data)",
+        description="Read a dataset as published (local folder or s3://bucket/prefix), decode and "
+        "validate every sample, convert its labels to class masks and write DST/{split}/*.parquet, "
+        "DST/quarantine.jsonl and DST/manifest.json (last). S3 uses AWS_ENDPOINT_URL and the "
+        "standard AWS credential variables.",
+    )
     p.add_argument("--dataset", required=True, choices=["voc", "voc_aug", "coco", "coco_voc", "cityscapes"])
     p.add_argument("--root", required=True, help="the dataset as published: folder or s3://bucket/prefix")
-    p.add_argument("--out", required=True, help="where to write the prepared dataset: folder or s3://bucket/prefix")
+    p.add_argument(
+        "--out", required=True, help="where to write the prepared dataset: folder or s3://bucket/prefix"
+    )
     p.add_argument("--splits", default="", help="comma-separated splits (default: train,val)")
-    p.add_argument("--max-side", type=int, help="downscale so the longer side is at most this (default: keep sizes)")
-    p.add_argument("--shard-mb", type=float, default=128.0, help="target parquet shard size in MB (default: 128)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="fail, publishing nothing, if more samples than this are quarantined (default: 0.01)")
+    p.add_argument(
+        "--max-side", type=int, help="downscale so the longer side is at most this (default: keep sizes)"
+    )
+    p.add_argument(
+        "--shard-mb", type=float, default=128.0, help="target parquet shard size in MB (default: 128)"
+    )
+    p.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="fail, publishing nothing, if more samples than this are quarantined (default: 0.01)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
     p.add_argument("--json-out", help="also write the summary as JSON to this file")
     p.set_defaults(run=_run_prepare)
@@ -67,9 +96,16 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace) -> None:
     from pipelines.prepare import PrepareConfig, TooManyBadSamples, format_summary, prepare
 
-    cfg = PrepareConfig(dataset=args.dataset, root=args.root, out=args.out,
-                        splits=tuple(s for s in args.splits.split(",") if s), max_side=args.max_side,
-                        shard_mb=args.shard_mb, max_bad_fraction=args.max_bad_fraction, progress=not args.no_progress)
+    cfg = PrepareConfig(
+        dataset=args.dataset,
+        root=args.root,
+        out=args.out,
+        splits=tuple(s for s in args.splits.split(",") if s),
+        max_side=args.max_side,
+        shard_mb=args.shard_mb,
+        max_bad_fraction=args.max_bad_fraction,
+        progress=not args.no_progress,
+    )
     try:
         result = prepare(cfg)
     except TooManyBadSamples as err:
@@ -82,12 +118,24 @@ def _run_prepare(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- models
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="build every architecture, run one forward pass, print params and GMACs")
-    p.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"),
-                   help="input size for the GMAC count (default: 512 512)")
+    p = sub.add_parser(
+        "models", help="build every architecture, run one forward pass, print params and GMACs"
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(512, 512),
+        metavar=("H", "W"),
+        help="input size for the GMAC count (default: 512 512)",
+    )
     p.add_argument("--num-classes", type=int, default=21, help="output classes (default: 21, PASCAL VOC)")
-    p.add_argument("--width", type=float, default=1.0,
-                   help="channel multiplier for the VGG and U-Net families (default: 1.0, the papers' widths)")
+    p.add_argument(
+        "--width",
+        type=float,
+        default=1.0,
+        help="channel multiplier for the VGG and U-Net families (default: 1.0, the papers' widths)",
+    )
     p.add_argument("--json-out", help="also write the table as JSON to this file")
     p.set_defaults(run=_run_models)
 
@@ -102,16 +150,27 @@ def _run_models(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one architecture with Ray Train on prepared shards, tracked in MLflow",
-                       description="Train one architecture with Ray Train (DDP) on a dataset written by "
-                       "`segpipe prepare`. Flags override the --config recipe (see pipelines/configs/). "
-                       "Re-running with the same --run-name and --storage resumes from the last checkpoint.")
-    p.add_argument("--model", help="architecture: fcn32s fcn16s fcn8s deconvnet deeplab_largefov dilation unet pspnet")
+    p = sub.add_parser(
+        "train",
+        help="train one architecture with Ray Train on prepared shards, tracked in MLflow",
+        description="Train one architecture with Ray Train (DDP) on a dataset written by "
+        "`segpipe prepare`. Flags override the --config recipe (see pipelines/configs/). "
+        "Re-running with the same --run-name and --storage resumes from the last checkpoint.",
+    )
+    p.add_argument(
+        "--model", help="architecture: fcn32s fcn16s fcn8s deconvnet deeplab_largefov dilation unet pspnet"
+    )
     p.add_argument("--data", help="prepared dataset folder or s3:// prefix")
     p.add_argument("--config", help="recipe YAML, e.g. pipelines/configs/deeplab_largefov_voc.yaml")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="keyword argument for build_model, repeatable (e.g. width=0.25, backbone=resnet18)")
-    p.add_argument("--pretrained", help="local torchvision ImageNet state dict (.safetensors or .pth) for the backbone")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="keyword argument for build_model, repeatable (e.g. width=0.25, backbone=resnet18)",
+    )
+    p.add_argument(
+        "--pretrained", help="local torchvision ImageNet state dict (.safetensors or .pth) for the backbone"
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per worker per step")
     p.add_argument("--crop", type=int, help="training crop size in pixels")
@@ -132,10 +191,22 @@ def _run_train(args: argparse.Namespace) -> None:
     from pipelines.train import train
 
     cfg = load_train_config(
-        args.config, model=args.model, data=args.data, pretrained=args.pretrained, epochs=args.epochs, batch_size=args.batch_size,
-        crop=args.crop, lr=args.lr, num_workers=args.num_workers, use_gpu=args.use_gpu, amp=args.amp,
-        tracking_uri=args.tracking_uri, experiment=args.experiment, run_name=args.run_name,
-        storage=args.storage, model_args=parse_key_values(args.model_arg, option="--model-arg") or None,
+        args.config,
+        model=args.model,
+        data=args.data,
+        pretrained=args.pretrained,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        lr=args.lr,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        amp=args.amp,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        run_name=args.run_name,
+        storage=args.storage,
+        model_args=parse_key_values(args.model_arg, option="--model-arg") or None,
     )
     result = train(cfg)
     print(json.dumps(result.to_json()["metrics"], indent=2))
@@ -145,9 +216,12 @@ def _run_train(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- tune
 def _add_tune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tune", help="Ray Tune search per architecture with ASHA early stopping",
-                       description="Search each architecture's space from a YAML file (see pipelines/tune.py "
-                       "for the format); every trial is a nested MLflow run. Re-running resumes the search.")
+    p = sub.add_parser(
+        "tune",
+        help="Ray Tune search per architecture with ASHA early stopping",
+        description="Search each architecture's space from a YAML file (see pipelines/tune.py "
+        "for the format); every trial is a nested MLflow run. Re-running resumes the search.",
+    )
     p.add_argument("--config", required=True, help="search YAML (data, architectures: {arch: {base, space}})")
     p.add_argument("--num-samples", type=int, help="trials per architecture (overrides the file)")
     p.add_argument("--max-concurrent", type=int, help="trials running at once (overrides the file)")
@@ -160,15 +234,27 @@ def _run_tune(args: argparse.Namespace) -> None:
     from pipelines.report import format_table
     from pipelines.tune import load_search, tune_search
 
-    search, archs = load_search(args.config, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                                tracking_uri=args.tracking_uri)
+    search, archs = load_search(
+        args.config,
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent,
+        tracking_uri=args.tracking_uri,
+    )
     summary = tune_search(search, archs)
     rows = []
     for arch, info in summary["architectures"].items():
         for t in info["trials"]:
             best = info["best"] and info["best"]["trial_id"] == t["trial_id"]
-            rows.append([arch, t["trial_id"], t["status"], t["iterations"], t.get(search.metric) or 0.0,
-                         "*" if best else ""])
+            rows.append(
+                [
+                    arch,
+                    t["trial_id"],
+                    t["status"],
+                    t["iterations"],
+                    t.get(search.metric) or 0.0,
+                    "*" if best else "",
+                ]
+            )
     print(format_table(["arch", "trial", "status", "epochs", search.metric, "best"], rows))
     for arch, info in summary["architectures"].items():
         print(f"best {arch}: {info['best']['model_uri'] if info['best'] else 'none finished'}")
@@ -177,10 +263,17 @@ def _run_tune(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- evaluate
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tta", metavar="SCALES", help="comma-separated test scales, e.g. 0.75,1,1.25 (default: 1)")
+    p.add_argument(
+        "--tta", metavar="SCALES", help="comma-separated test scales, e.g. 0.75,1,1.25 (default: 1)"
+    )
     p.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
-    p.add_argument("--slide", type=int, nargs=2, metavar=("CROP", "STRIDE"),
-                   help="sliding-window inference with CROP-sized windows every STRIDE pixels")
+    p.add_argument(
+        "--slide",
+        type=int,
+        nargs=2,
+        metavar=("CROP", "STRIDE"),
+        help="sliding-window inference with CROP-sized windows every STRIDE pixels",
+    )
     p.add_argument("--crf", action="store_true", help="dense CRF post-processing (DeepLab's mean field)")
 
 
@@ -190,30 +283,45 @@ def _inference_settings(args: argparse.Namespace):
     try:
         scales = tuple(float(s) for s in args.tta.split(",")) if args.tta else (1.0,)
     except ValueError:
-        raise UserError(f"--tta expects comma-separated numbers such as 0.75,1,1.25, got {args.tta!r}") from None
-    return InferenceSettings(scales=scales, flip=args.flip, slide=tuple(args.slide) if args.slide else None,
-                             crf=args.crf)
+        raise UserError(
+            f"--tta expects comma-separated numbers such as 0.75,1,1.25, got {args.tta!r}"
+        ) from None
+    return InferenceSettings(
+        scales=scales, flip=args.flip, slide=tuple(args.slide) if args.slide else None, crf=args.crf
+    )
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a model on a prepared split (whole, sliding, TTA, CRF)")
-    p.add_argument("--model-uri", required=True,
-                   help="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS or a local model folder")
+    p.add_argument(
+        "--model-uri",
+        required=True,
+        help="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS or a local model folder",
+    )
     p.add_argument("--data", required=True, help="prepared dataset folder or s3:// prefix")
     p.add_argument("--split", default="val", help="split to score (default: val)")
     _add_inference_options(p)
     p.add_argument("--max-images", type=int, default=0, help="score only the first N images (default: all)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument("--json-out", help="write {metrics: {miou, pixel_acc, mean_acc, fwiou, per_class_iou}} here")
+    p.add_argument(
+        "--json-out", help="write {metrics: {miou, pixel_acc, mean_acc, fwiou, per_class_iou}} here"
+    )
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from pipelines.evaluate import EvalConfig, evaluate, print_evaluation
 
-    result = evaluate(EvalConfig(model_uri=args.model_uri, data=args.data, split=args.split,
-                                 settings=_inference_settings(args), tracking_uri=args.tracking_uri or "",
-                                 max_images=args.max_images))
+    result = evaluate(
+        EvalConfig(
+            model_uri=args.model_uri,
+            data=args.data,
+            split=args.split,
+            settings=_inference_settings(args),
+            tracking_uri=args.tracking_uri or "",
+            max_images=args.max_images,
+        )
+    )
     print_evaluation(result)
     _write_json(args.json_out, {k: v for k, v in result.items() if k != "confusion"})
 
@@ -221,12 +329,20 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- ensemble
 def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ensemble", help="greedy ensemble selection on val mIoU, registered as 'challenger'")
-    p.add_argument("--candidates", nargs="+", required=True,
-                   help="model URIs, or best-per-arch:EXPERIMENT for the best finished run of each architecture")
+    p.add_argument(
+        "--candidates",
+        nargs="+",
+        required=True,
+        help="model URIs, or best-per-arch:EXPERIMENT for the best finished run of each architecture",
+    )
     p.add_argument("--data", required=True, help="prepared dataset folder or s3:// prefix")
     p.add_argument("--split", default="val", help="selection split (default: val)")
-    p.add_argument("--register-as", help="register the result as a new version of this model, alias challenger")
-    p.add_argument("--crf", action="store_true", help="add a dense CRF stage with parameters tuned on the split")
+    p.add_argument(
+        "--register-as", help="register the result as a new version of this model, alias challenger"
+    )
+    p.add_argument(
+        "--crf", action="store_true", help="add a dense CRF stage with parameters tuned on the split"
+    )
     p.add_argument("--max-members", type=int, default=5, help="selection rounds (default: 5)")
     p.add_argument("--max-images", type=int, default=0, help="select on the first N images (default: all)")
     p.add_argument("--experiment", default="segpipe", help="MLflow experiment for the ensemble run")
@@ -238,11 +354,19 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
 def _run_ensemble(args: argparse.Namespace) -> None:
     from pipelines.ensemble import EnsembleConfig, build_ensemble
 
-    result = build_ensemble(EnsembleConfig(
-        candidates=tuple(args.candidates), data=args.data, split=args.split, register_as=args.register_as or "",
-        crf=args.crf, max_members=args.max_members, max_images=args.max_images, experiment=args.experiment,
-        tracking_uri=args.tracking_uri or "",
-    ))
+    result = build_ensemble(
+        EnsembleConfig(
+            candidates=tuple(args.candidates),
+            data=args.data,
+            split=args.split,
+            register_as=args.register_as or "",
+            crf=args.crf,
+            max_members=args.max_members,
+            max_images=args.max_images,
+            experiment=args.experiment,
+            tracking_uri=args.tracking_uri or "",
+        )
+    )
     for m in result["members"]:
         print(f"member {m['uri']}: weight {m['weight']:.3f}, alone {m['val_miou']:.4f}")
     print(f"ensemble mIoU {result['metrics']['miou']:.4f}  crf {result['crf']}  -> {result['model_uri']}")
@@ -251,7 +375,9 @@ def _run_ensemble(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- promote
 def _add_promote(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("promote", help="move alias 'champion' to 'challenger' only if it wins on the frozen split")
+    p = sub.add_parser(
+        "promote", help="move alias 'champion' to 'challenger' only if it wins on the frozen split"
+    )
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument("--data", required=True, help="prepared dataset folder or s3:// prefix (the frozen split)")
     p.add_argument("--split", default="val", help="split to compare on (default: val)")
@@ -264,8 +390,15 @@ def _add_promote(sub: argparse._SubParsersAction) -> None:
 def _run_promote(args: argparse.Namespace) -> None:
     from pipelines.promote import PromoteConfig, promote
 
-    result = promote(PromoteConfig(name=args.name, data=args.data, margin=args.margin, split=args.split,
-                                   tracking_uri=args.tracking_uri or ""))
+    result = promote(
+        PromoteConfig(
+            name=args.name,
+            data=args.data,
+            margin=args.margin,
+            split=args.split,
+            tracking_uri=args.tracking_uri or "",
+        )
+    )
     print(result["reason"])
     print(f"champion: models:/{args.name}/{result['champion_version']}")
     _write_json(args.json_out, result)
@@ -273,11 +406,16 @@ def _run_promote(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- retrain
 def _add_retrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retrain", help="prepare -> tune -> ensemble -> promote as one resumable job",
-                       description="One retraining cycle from a config such as cluster/retrain-voc.yaml. "
-                       "Re-running after a crash continues from the finished steps; re-running a finished "
-                       "cycle on unchanged data does nothing new.")
-    p.add_argument("--config", required=True, help="retrain YAML (source, prepared, search, register_as, margin)")
+    p = sub.add_parser(
+        "retrain",
+        help="prepare -> tune -> ensemble -> promote as one resumable job",
+        description="One retraining cycle from a config such as cluster/retrain-voc.yaml. "
+        "Re-running after a crash continues from the finished steps; re-running a finished "
+        "cycle on unchanged data does nothing new.",
+    )
+    p.add_argument(
+        "--config", required=True, help="retrain YAML (source, prepared, search, register_as, margin)"
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides the file)")
     p.add_argument("--json-out", help="write every step's output and the promotion decision here")
     p.set_defaults(run=_run_retrain)
@@ -296,19 +434,31 @@ def _run_retrain(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- serve
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a model over HTTP with Ray Serve (autoscaled, follows an alias)",
-                       description="Serve a model on Ray Serve until Ctrl-C: POST /v1/segment, GET /v1/model, "
-                       "an upload page at /, API docs at /docs. With models:/NAME@ALIAS the endpoint switches to "
-                       "the version the alias points at, without downtime.")
-    p.add_argument("--model-uri", required=True,
-                   help="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS (followed) or a model folder")
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP with Ray Serve (autoscaled, follows an alias)",
+        description="Serve a model on Ray Serve until Ctrl-C: POST /v1/segment, GET /v1/model, "
+        "an upload page at /, API docs at /docs. With models:/NAME@ALIAS the endpoint switches to "
+        "the version the alias points at, without downtime.",
+    )
+    p.add_argument(
+        "--model-uri",
+        required=True,
+        help="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS (followed) or a model folder",
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    p.add_argument("--min-replicas", type=int, default=1, help="fewest replicas per member model (default: 1)")
+    p.add_argument(
+        "--min-replicas", type=int, default=1, help="fewest replicas per member model (default: 1)"
+    )
     p.add_argument("--max-replicas", type=int, default=2, help="most replicas per member model (default: 2)")
-    p.add_argument("--member-gpus", type=float, default=0.0,
-                   help="GPUs per member-model replica, e.g. 1 or 0.5 (default: 0, CPU)")
+    p.add_argument(
+        "--member-gpus",
+        type=float,
+        default=0.0,
+        help="GPUs per member-model replica, e.g. 1 or 0.5 (default: 0, CPU)",
+    )
     p.add_argument("--crf", action="store_true", help="dense CRF post-processing with the model's parameters")
     p.set_defaults(run=_run_serve)
 
@@ -316,16 +466,28 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> None:
     from pipelines.serve import ServeConfig, serve_forever
 
-    serve_forever(ServeConfig(model_uri=args.model_uri, tracking_uri=args.tracking_uri or "", host=args.host,
-                              port=args.port, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                              member_gpus=args.member_gpus, crf=args.crf))
+    serve_forever(
+        ServeConfig(
+            model_uri=args.model_uri,
+            tracking_uri=args.tracking_uri or "",
+            host=args.host,
+            port=args.port,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            member_gpus=args.member_gpus,
+            crf=args.crf,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on generated data, on this machine",
-                       description="synth (VOC layout) -> prepare -> tune two architectures -> ensemble -> "
-                       "register and promote -> Ray Serve -> real HTTP requests, all locally.")
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on generated data, on this machine",
+        description="synth (VOC layout) -> prepare -> tune two architectures -> ensemble -> "
+        "register and promote -> Ray Serve -> real HTTP requests, all locally.",
+    )
     p.add_argument("--workdir", default="demo", help="where data, runs and overlays go (default: ./demo)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
     p.add_argument("--trials", type=int, default=2, help="trials per architecture (default: 2)")
@@ -338,12 +500,31 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> None:
     from pipelines.demo import DemoConfig, run_demo
 
-    summary = run_demo(DemoConfig(workdir=args.workdir, epochs=args.epochs, trials=args.trials, port=args.port,
-                                  keep_serving=args.keep_serving))
+    summary = run_demo(
+        DemoConfig(
+            workdir=args.workdir,
+            epochs=args.epochs,
+            trials=args.trials,
+            port=args.port,
+            keep_serving=args.keep_serving,
+        )
+    )
     _write_json(args.json_out, summary)
 
 
-COMMANDS = [_add_synth, _add_prepare, _add_models, _add_train, _add_tune, _add_evaluate, _add_ensemble, _add_promote, _add_retrain, _add_serve, _add_demo]
+COMMANDS = [
+    _add_synth,
+    _add_prepare,
+    _add_models,
+    _add_train,
+    _add_tune,
+    _add_evaluate,
+    _add_ensemble,
+    _add_promote,
+    _add_retrain,
+    _add_serve,
+    _add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

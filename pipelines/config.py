@@ -81,7 +81,9 @@ class TrainConfig:
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
-                raise UserError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
+                raise UserError(
+                    f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}"
+                )
         positive = ("lr", "epochs", "batch_size", "crop", "num_workers", "val_batch_size", "cpus_per_worker")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -119,9 +121,20 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
 
 
 # Names other tools use for our keys, so a config written for them gets a pointed hint.
-SYNONYMS = {"learning_rate": "lr", "base_lr": "lr", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size",
-            "crop_size": "crop", "num_epochs": "epochs", "max_epochs": "epochs", "arch": "model",
-            "workers": "num_workers", "gpu": "use_gpu", "precision": "amp"}
+SYNONYMS = {
+    "learning_rate": "lr",
+    "base_lr": "lr",
+    "wd": "weight_decay",
+    "bs": "batch_size",
+    "batch": "batch_size",
+    "crop_size": "crop",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "arch": "model",
+    "workers": "num_workers",
+    "gpu": "use_gpu",
+    "precision": "amp",
+}
 
 
 def make_config(cls: type, values: dict[str, Any], *, source: str = "config") -> Any:

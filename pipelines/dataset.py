@@ -202,7 +202,9 @@ class PreparedDataset:
         context = ray.data.DataContext.get_current()
         default, context.use_datasource_v2 = context.use_datasource_v2, False
         try:
-            return ray.data.read_parquet([storage.fs_path(f) for f in files], filesystem=fs, **read_parquet_args)
+            return ray.data.read_parquet(
+                [storage.fs_path(f) for f in files], filesystem=fs, **read_parquet_args
+            )
         finally:
             context.use_datasource_v2 = default
 

@@ -19,9 +19,13 @@ from pipelines.report import format_table
 
 # Tiny CPU settings per architecture for demos and tests; same architectures, fewer channels.
 TINY_MODEL_ARGS: dict[str, dict[str, Any]] = {
-    "fcn32s": {"width": 0.125}, "fcn16s": {"width": 0.125}, "fcn8s": {"width": 0.125},
-    "deconvnet": {"width": 0.125}, "deeplab_largefov": {"width": 0.125},
-    "dilation": {"width": 0.125, "context": "basic"}, "unet": {"width": 0.125, "padding": "same"},
+    "fcn32s": {"width": 0.125},
+    "fcn16s": {"width": 0.125},
+    "fcn8s": {"width": 0.125},
+    "deconvnet": {"width": 0.125},
+    "deeplab_largefov": {"width": 0.125},
+    "dilation": {"width": 0.125, "context": "basic"},
+    "unet": {"width": 0.125, "padding": "same"},
     "pspnet": {"backbone": "resnet18"},
 }
 
@@ -43,17 +47,30 @@ def model_table(size: tuple[int, int] = (512, 512), num_classes: int = 21, width
         seconds = time.perf_counter() - started
         if tuple(out.shape) != (1, num_classes, *size):
             raise RuntimeError(f"{name} returned {tuple(out.shape)} for a {size} input")
-        rows.append({"model": name, "params_m": count_params(model) / 1e6,
-                     "gmacs": count_gmacs(model, size), "forward_s": seconds, "args": kwargs})
+        rows.append(
+            {
+                "model": name,
+                "params_m": count_params(model) / 1e6,
+                "gmacs": count_gmacs(model, size),
+                "forward_s": seconds,
+                "args": kwargs,
+            }
+        )
         del model
     return rows
 
 
 def print_model_table(rows: list[dict], size: tuple[int, int]) -> None:
     print(f"Models at input 1x3x{size[0]}x{size[1]} (one CPU forward pass each):")
-    print(format_table(["model", "params (M)", "GMACs", "forward (s)"],
-                       [[r["model"], round(r["params_m"], 2), round(r["gmacs"], 1), round(r["forward_s"], 2)]
-                        for r in rows]))
+    print(
+        format_table(
+            ["model", "params (M)", "GMACs", "forward (s)"],
+            [
+                [r["model"], round(r["params_m"], 2), round(r["gmacs"], 1), round(r["forward_s"], 2)]
+                for r in rows
+            ],
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -69,8 +86,17 @@ class DemoConfig:
 
 def demo_retrain_config(cfg: DemoConfig, source: Path, work: Path) -> dict[str, Any]:
     """A `segpipe retrain` config for the generated dataset: two architectures, tiny widths, ASHA."""
-    base = {"crop": 64, "batch_size": 4, "epochs": cfg.epochs, "optimizer": "adamw", "lr_policy": "fixed",
-            "scale_min": 0.75, "scale_max": 1.25, "num_overlays": 4, "cpus_per_worker": 1.0}
+    base = {
+        "crop": 64,
+        "batch_size": 4,
+        "epochs": cfg.epochs,
+        "optimizer": "adamw",
+        "lr_policy": "fixed",
+        "scale_min": 0.75,
+        "scale_max": 1.25,
+        "num_overlays": 4,
+        "cpus_per_worker": 1.0,
+    }
     return {
         "name": "demo",
         "source": {"dataset": "voc", "root": str(source)},
@@ -81,12 +107,19 @@ def demo_retrain_config(cfg: DemoConfig, source: Path, work: Path) -> dict[str, 
         "register_as": "segpipe-demo",
         "crf": True,
         "search": {
-            "num_samples": cfg.trials, "max_concurrent": 1, "grace_period": 2, "reduction_factor": 2,
+            "num_samples": cfg.trials,
+            "max_concurrent": 1,
+            "grace_period": 2,
+            "reduction_factor": 2,
             "architectures": {
-                "unet": {"base": {**base, "model_args": TINY_MODEL_ARGS["unet"]},
-                         "space": {"lr": {"loguniform": [1e-3, 5e-3]}}},
-                "pspnet": {"base": {**base, "model_args": TINY_MODEL_ARGS["pspnet"]},
-                           "space": {"lr": {"loguniform": [5e-4, 2e-3]}}},
+                "unet": {
+                    "base": {**base, "model_args": TINY_MODEL_ARGS["unet"]},
+                    "space": {"lr": {"loguniform": [1e-3, 5e-3]}},
+                },
+                "pspnet": {
+                    "base": {**base, "model_args": TINY_MODEL_ARGS["pspnet"]},
+                    "space": {"lr": {"loguniform": [5e-4, 2e-3]}},
+                },
             },
         },
     }
@@ -94,8 +127,12 @@ def demo_retrain_config(cfg: DemoConfig, source: Path, work: Path) -> dict[str, 
 
 def post_image(url: str, path: Path, query: str = "") -> bytes:
     content_type = "image/png" if path.suffix == ".png" else "image/jpeg"
-    request = urllib.request.Request(f"{url}/v1/segment{query}", data=path.read_bytes(), method="POST",
-                                     headers={"Content-Type": content_type})
+    request = urllib.request.Request(
+        f"{url}/v1/segment{query}",
+        data=path.read_bytes(),
+        method="POST",
+        headers={"Content-Type": content_type},
+    )
     with urllib.request.urlopen(request, timeout=60) as reply:
         return reply.read()
 
@@ -113,17 +150,23 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"[segpipe demo] 1/4 generating a PASCAL VOC-layout dataset in {work / 'voc'}")
-    source = synthesize(SynthConfig(layout="voc", out=str(work / "voc"), num_train=cfg.num_train,
-                                    num_val=cfg.num_val, seed=0))
+    source = synthesize(
+        SynthConfig(layout="voc", out=str(work / "voc"), num_train=cfg.num_train, num_val=cfg.num_val, seed=0)
+    )
     config_file = work / "retrain-demo.yaml"
     config_file.write_text(yaml.safe_dump(demo_retrain_config(cfg, source, work), sort_keys=False))
-    print(f"[segpipe demo] 2/4 retraining: prepare -> tune (unet, pspnet) -> ensemble -> promote ({config_file})")
+    print(
+        f"[segpipe demo] 2/4 retraining: prepare -> tune (unet, pspnet) -> ensemble -> promote ({config_file})"
+    )
     ensure_ray()
     retrain_cfg = load_retrain(str(config_file))
     result = retrain(retrain_cfg)
     print(f"[segpipe demo] 3/4 serving {result['champion']} with Ray Serve")
-    url = start_server(ServeConfig(model_uri=result["champion"], tracking_uri=retrain_cfg.tracking_uri,
-                                   port=cfg.port, max_replicas=1))
+    url = start_server(
+        ServeConfig(
+            model_uri=result["champion"], tracking_uri=retrain_cfg.tracking_uri, port=cfg.port, max_replicas=1
+        )
+    )
     try:
         print("[segpipe demo] 4/4 segmenting validation images over HTTP")
         overlays = work / "overlays"
@@ -146,18 +189,35 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return summary
 
 
-def summarise(result: dict[str, Any], answers: list[dict], url: str, work: Path, overlays: Path,
-              seconds: float) -> dict[str, Any]:
+def summarise(
+    result: dict[str, Any], answers: list[dict], url: str, work: Path, overlays: Path, seconds: float
+) -> dict[str, Any]:
     steps = result["steps"]
     tune = steps["tune"]["output"]["best"]
     ensemble = steps["ensemble"]["output"]
     print("\nBest trial per architecture (val mIoU):")
-    print(format_table(["candidate", "val mIoU"], [[u, ensemble["candidates"].get(u, 0.0)] for u in tune.values()]))
+    print(
+        format_table(
+            ["candidate", "val mIoU"], [[u, ensemble["candidates"].get(u, 0.0)] for u in tune.values()]
+        )
+    )
     m = ensemble["metrics"]
     print("\nEnsemble (registered as challenger, then promoted):")
-    print(format_table(["members", "mIoU", "pixel acc", "mean acc", "fwIoU", "CRF"],
-                       [[len(ensemble["members"]), m["miou"], m["pixel_acc"], m["mean_acc"], m["fwiou"],
-                         "yes" if ensemble["crf"] else "no"]]))
+    print(
+        format_table(
+            ["members", "mIoU", "pixel acc", "mean acc", "fwIoU", "CRF"],
+            [
+                [
+                    len(ensemble["members"]),
+                    m["miou"],
+                    m["pixel_acc"],
+                    m["mean_acc"],
+                    m["fwiou"],
+                    "yes" if ensemble["crf"] else "no",
+                ]
+            ],
+        )
+    )
     print(f"\nPromotion: {result['reason']}")
     print(format_table(["step", "seconds"], [[s, round(v["seconds"], 1)] for s, v in steps.items()]))
     print(f"\nEndpoint:  {url}  (POST /v1/segment, GET /v1/model, GET / for the upload page)")

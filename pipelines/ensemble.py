@@ -44,9 +44,14 @@ def best_per_arch(client, experiment: str, metric: str = "val_miou") -> list[str
     """Model URIs of the best finished training run of each architecture in `experiment`."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise UserError(f"no MLflow experiment {experiment!r} in {client.tracking_uri}; run `segpipe tune` first")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`segpipe.stage` = 'train' "
-                              "and attributes.status = 'FINISHED'", order_by=[f"metrics.{metric} DESC"])
+        raise UserError(
+            f"no MLflow experiment {experiment!r} in {client.tracking_uri}; run `segpipe tune` first"
+        )
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.`segpipe.stage` = 'train' and attributes.status = 'FINISHED'",
+        order_by=[f"metrics.{metric} DESC"],
+    )
     best: dict[str, Any] = {}
     for run in runs:
         arch = run.data.tags.get("segpipe.model")
@@ -80,8 +85,9 @@ def miou_of(preds: list[np.ndarray], truths: list[np.ndarray], num_classes: int)
     return cm
 
 
-def greedy_select(probs: list[list[np.ndarray]], truths: list[np.ndarray], num_classes: int,
-                  rounds: int) -> tuple[Counter, float, list[float]]:
+def greedy_select(
+    probs: list[list[np.ndarray]], truths: list[np.ndarray], num_classes: int, rounds: int
+) -> tuple[Counter, float, list[float]]:
     """probs[c][i]: candidate c's C,H,W probabilities for image i -> (counts per candidate, mIoU, history)."""
     sums = [np.zeros_like(p, dtype=np.float32) for p in probs[0]]
     counts: Counter = Counter()
@@ -110,8 +116,17 @@ def tune_crf(images, probs, truths, num_classes: int) -> tuple[dict[str, float] 
         preds = [dense_crf(img, p, params).argmax(0) for img, p in zip(images, probs, strict=True)]
         score = miou_of(preds, truths, num_classes).compute()["miou"]
         if score > best[1]:
-            best = ({"w1": w1, "theta_alpha": alpha, "theta_beta": beta, "iterations": 10, "w2": 3.0,
-                     "theta_gamma": 3.0}, score)
+            best = (
+                {
+                    "w1": w1,
+                    "theta_alpha": alpha,
+                    "theta_beta": beta,
+                    "iterations": 10,
+                    "w2": 3.0,
+                    "theta_gamma": 3.0,
+                },
+                score,
+            )
     return best
 
 
@@ -133,7 +148,9 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     specs = [read_spec(f) for f in folders]
     for uri, spec in zip(uris, specs, strict=True):
         if list(spec.classes) != list(data.classes):
-            raise UserError(f"candidate {uri} predicts other classes than {cfg.data}; use models of this dataset")
+            raise UserError(
+                f"candidate {uri} predicts other classes than {cfg.data}; use models of this dataset"
+            )
     rows = data.split(cfg.split).take(cfg.max_images or data.manifest.splits[cfg.split].rows)
     images = [decode_image(r["image"]) for r in rows]
     truths = [decode_mask(r["mask"]) for r in rows]
@@ -142,14 +159,20 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     probs = []
     for uri, folder in zip(uris, folders, strict=True):
         model = load_model_dir(folder)
-        probs.append([predict_image(model, img, plain).astype(np.float16).astype(np.float32) for img in images])
+        probs.append(
+            [predict_image(model, img, plain).astype(np.float16).astype(np.float32) for img in images]
+        )
         print(f"[segpipe] scored candidate {uri} on {len(images)} {cfg.split} images")
     counts, score, history = greedy_select(probs, truths, data.num_classes, cfg.max_members)
     chosen = sorted(counts)
     weights = [counts[c] / sum(counts.values()) for c in chosen]
-    member_scores = {uris[c]: miou_of([p.argmax(0) for p in probs[c]], truths, data.num_classes).compute()["miou"]
-                     for c in range(len(uris))}
-    final_probs = [sum(w * probs[c][i] for c, w in zip(chosen, weights, strict=True)) for i in range(len(images))]
+    member_scores = {
+        uris[c]: miou_of([p.argmax(0) for p in probs[c]], truths, data.num_classes).compute()["miou"]
+        for c in range(len(uris))
+    }
+    final_probs = [
+        sum(w * probs[c][i] for c, w in zip(chosen, weights, strict=True)) for i in range(len(images))
+    ]
     cm = miou_of([p.argmax(0) for p in final_probs], truths, data.num_classes)
     crf_params = None
     if cfg.crf:
@@ -158,8 +181,14 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         if crf_score > score:
             from segmodels.crf import CRFParams, dense_crf
 
-            cm = miou_of([dense_crf(img, p, CRFParams(**crf_params)).argmax(0)
-                          for img, p in zip(images, final_probs, strict=True)], truths, data.num_classes)
+            cm = miou_of(
+                [
+                    dense_crf(img, p, CRFParams(**crf_params)).argmax(0)
+                    for img, p in zip(images, final_probs, strict=True)
+                ],
+                truths,
+                data.num_classes,
+            )
         else:
             crf_params = None
     metrics = metrics_json(cm.compute(), list(data.classes))
@@ -169,20 +198,44 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     for c, w in zip(chosen, weights, strict=True):
         for m, mw in zip(specs[c].members, specs[c].ensemble_weights, strict=True):
             index = len(members)
-            members.append(MemberSpec(arch=m.arch, num_classes=m.num_classes, weights=f"member{index}.safetensors",
-                                      model_args=m.model_args, config=m.config, metrics=m.metrics,
-                                      source=uris[c]))
+            members.append(
+                MemberSpec(
+                    arch=m.arch,
+                    num_classes=m.num_classes,
+                    weights=f"member{index}.safetensors",
+                    model_args=m.model_args,
+                    config=m.config,
+                    metrics=m.metrics,
+                    source=uris[c],
+                )
+            )
             member_weights.append(w * mw / sum(specs[c].ensemble_weights))
             states.append(load_file(str(folders[c] / m.weights)))
     name = cfg.register_as or "segpipe-ensemble"
-    spec = ModelSpec(name=name, classes=list(data.classes), palette=[list(p) for p in data.palette],
-                     members=members, ensemble_weights=member_weights, mean=specs[0].mean, std=specs[0].std,
-                     crf=crf_params, metrics={f"{cfg.split}_{k}": v for k, v in metrics.items()},
-                     dataset_fingerprint=data.fingerprint)
+    spec = ModelSpec(
+        name=name,
+        classes=list(data.classes),
+        palette=[list(p) for p in data.palette],
+        members=members,
+        ensemble_weights=member_weights,
+        mean=specs[0].mean,
+        std=specs[0].std,
+        crf=crf_params,
+        metrics={f"{cfg.split}_{k}": v for k, v in metrics.items()},
+        dataset_fingerprint=data.fingerprint,
+    )
     run_id, _ = tracking.start_or_resume_run(client, cfg.experiment, "", tags={"segpipe.stage": "ensemble"})
-    tracking.log_params(client, run_id, {"candidates": ",".join(uris), "members": ",".join(uris[c] for c in chosen),
-                                         "weights": ",".join(f"{w:.3f}" for w in weights), "crf": crf_params,
-                                         "dataset_fingerprint": data.fingerprint})
+    tracking.log_params(
+        client,
+        run_id,
+        {
+            "candidates": ",".join(uris),
+            "members": ",".join(uris[c] for c in chosen),
+            "weights": ",".join(f"{w:.3f}" for w in weights),
+            "crf": crf_params,
+            "dataset_fingerprint": data.fingerprint,
+        },
+    )
     for key, value in metrics.items():
         if key != "per_class_iou" and value is not None:
             client.log_metric(run_id, f"{cfg.split}_{key}", value)
@@ -190,7 +243,10 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         folder = save_model_dir(Path(tmp) / "model", spec, states)
         if cfg.register_as:
             version = tracking.register_model_folder(
-                client, cfg.register_as, folder, run_id=run_id,
+                client,
+                cfg.register_as,
+                folder,
+                run_id=run_id,
                 description=f"ensemble of {len(chosen)} candidate(s), {cfg.split} mIoU {metrics['miou']:.4f}",
                 tags={f"{cfg.split}_miou": f"{metrics['miou']:.6f}", "dataset_fingerprint": data.fingerprint},
             )
@@ -201,9 +257,16 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
             model_uri = f"runs:/{run_id}/{tracking.MODEL_ARTIFACT_PATH}"
     client.set_terminated(run_id, status="FINISHED")
     return {
-        "model_uri": model_uri, "run_id": run_id,
-        "members": [{"uri": uris[c], "weight": w, "val_miou": member_scores[uris[c]]}
-                    for c, w in zip(chosen, weights, strict=True)],
-        "weights": weights, "crf": crf_params, "selection_history": history, "metrics": metrics,
-        "candidates": member_scores, "seconds": time.perf_counter() - started,
+        "model_uri": model_uri,
+        "run_id": run_id,
+        "members": [
+            {"uri": uris[c], "weight": w, "val_miou": member_scores[uris[c]]}
+            for c, w in zip(chosen, weights, strict=True)
+        ],
+        "weights": weights,
+        "crf": crf_params,
+        "selection_history": history,
+        "metrics": metrics,
+        "candidates": member_scores,
+        "seconds": time.perf_counter() - started,
     }

@@ -67,8 +67,15 @@ def predict_batch(model, images: np.ndarray, settings: InferenceSettings):
         scales = settings.scales
     crop, stride = settings.slide if settings.slide else (None, None)
     with torch.no_grad():
-        return predict_tta(model.ensemble, x, scales=scales, flip=settings.flip,
-                           mode="slide" if settings.slide else "whole", crop=crop, stride=stride).float()
+        return predict_tta(
+            model.ensemble,
+            x,
+            scales=scales,
+            flip=settings.flip,
+            mode="slide" if settings.slide else "whole",
+            crop=crop,
+            stride=stride,
+        ).float()
 
 
 def predict_image(model, image: np.ndarray, settings: InferenceSettings) -> np.ndarray:
@@ -141,14 +148,23 @@ def metrics_json(scores: dict[str, Any], classes: list[str]) -> dict[str, Any]:
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
     return {
-        "miou": clean(scores["miou"]), "pixel_acc": clean(scores["pixel_acc"]),
-        "mean_acc": clean(scores["mean_acc"]), "fwiou": clean(scores["fwiou"]),
+        "miou": clean(scores["miou"]),
+        "pixel_acc": clean(scores["pixel_acc"]),
+        "mean_acc": clean(scores["mean_acc"]),
+        "fwiou": clean(scores["fwiou"]),
         "per_class_iou": {c: clean(v) for c, v in zip(classes, scores["per_class_iou"], strict=True)},
     }
 
 
-def score_split(model_folder: Path, data, split: str, settings: InferenceSettings, *, max_images: int = 0,
-                concurrency: int = 0):
+def score_split(
+    model_folder: Path,
+    data,
+    split: str,
+    settings: InferenceSettings,
+    *,
+    max_images: int = 0,
+    concurrency: int = 0,
+):
     """Confusion matrix of the model folder on `split`, scored by a pool of Ray actors."""
     import ray
     import torch
@@ -165,9 +181,16 @@ def score_split(model_folder: Path, data, split: str, settings: InferenceSetting
     workers = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
     payload_ref = [ray.put(model_payload(model_folder))]
     scored = ds.map_batches(
-        ScoreImages, fn_constructor_kwargs={"payload_ref": payload_ref, "settings": settings,
-                                            "num_classes": data.num_classes},
-        batch_size=1, batch_format="numpy", concurrency=(1, workers), num_cpus=1,
+        ScoreImages,
+        fn_constructor_kwargs={
+            "payload_ref": payload_ref,
+            "settings": settings,
+            "num_classes": data.num_classes,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        concurrency=(1, workers),
+        num_cpus=1,
     )
     cm = ConfusionMatrix(data.num_classes)
     images = 0
@@ -187,26 +210,39 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     folder = tracking.download_model(cfg.model_uri, cfg.tracking_uri)
     spec = read_spec(folder)
     if list(spec.classes) != list(data.classes):
-        raise UserError(f"model {cfg.model_uri} predicts {spec.num_classes} classes {spec.classes[:4]}... but "
-                        f"{cfg.data} has {data.num_classes} {list(data.classes)[:4]}...: evaluate on the dataset "
-                        "it was trained for")
+        raise UserError(
+            f"model {cfg.model_uri} predicts {spec.num_classes} classes {spec.classes[:4]}... but "
+            f"{cfg.data} has {data.num_classes} {list(data.classes)[:4]}...: evaluate on the dataset "
+            "it was trained for"
+        )
     started = time.perf_counter()
-    cm, images = score_split(folder, data, cfg.split, cfg.settings, max_images=cfg.max_images,
-                             concurrency=cfg.concurrency)
+    cm, images = score_split(
+        folder, data, cfg.split, cfg.settings, max_images=cfg.max_images, concurrency=cfg.concurrency
+    )
     seconds = time.perf_counter() - started
     result = {
-        "model_uri": cfg.model_uri, "split": cfg.split, "images": images, "seconds": seconds,
+        "model_uri": cfg.model_uri,
+        "split": cfg.split,
+        "images": images,
+        "seconds": seconds,
         "images_per_s": images / max(seconds, 1e-9),
-        "settings": {"scales": list(cfg.settings.scales), "flip": cfg.settings.flip,
-                     "slide": list(cfg.settings.slide) if cfg.settings.slide else None, "crf": cfg.settings.crf},
+        "settings": {
+            "scales": list(cfg.settings.scales),
+            "flip": cfg.settings.flip,
+            "slide": list(cfg.settings.slide) if cfg.settings.slide else None,
+            "crf": cfg.settings.crf,
+        },
         "metrics": metrics_json(cm.compute(), list(data.classes)),
         "confusion": cm.to_list(),
     }
     if cfg.model_uri.startswith("runs:/"):
         client = tracking.connect(cfg.tracking_uri)
         run_id = cfg.model_uri.removeprefix("runs:/").split("/")[0]
-        flat = {f"eval_{cfg.split}_{k}": v for k, v in result["metrics"].items()
-                if k != "per_class_iou" and v is not None}
+        flat = {
+            f"eval_{cfg.split}_{k}": v
+            for k, v in result["metrics"].items()
+            if k != "per_class_iou" and v is not None
+        }
         client.log_dict(run_id, result, f"evaluation/{cfg.split}-{int(time.time())}.json")
         for key, value in flat.items():
             client.log_metric(run_id, key, value)
@@ -220,5 +256,9 @@ def print_evaluation(result: dict[str, Any]) -> None:
     rows = [[name, "-" if iou is None else round(iou, 4)] for name, iou in m["per_class_iou"].items()]
     print(format_table(["class", "IoU"], rows))
     print(f"\n{result['split']}: {result['images']} images, {result['images_per_s']:.2f} img/s")
-    print(format_table(["mIoU", "pixel acc", "mean acc", "fwIoU"],
-                       [[m["miou"], m["pixel_acc"], m["mean_acc"], m["fwiou"]]]))
+    print(
+        format_table(
+            ["mIoU", "pixel acc", "mean acc", "fwIoU"],
+            [[m["miou"], m["pixel_acc"], m["mean_acc"], m["fwiou"]]],
+        )
+    )

@@ -35,13 +35,22 @@ def promote(cfg: PromoteConfig) -> dict[str, Any]:
     client = tracking.connect(cfg.tracking_uri)
     challenger = tracking.alias_version(client, cfg.name, "challenger")
     if challenger is None:
-        raise UserError(f"registered model {cfg.name!r} has no 'challenger' alias in {client.tracking_uri}; "
-                        "run `segpipe ensemble --register-as NAME` first")
+        raise UserError(
+            f"registered model {cfg.name!r} has no 'challenger' alias in {client.tracking_uri}; "
+            "run `segpipe ensemble --register-as NAME` first"
+        )
     champion = tracking.alias_version(client, cfg.name, "champion")
 
     def score(version: str) -> float:
-        result = evaluate(EvalConfig(model_uri=f"models:/{cfg.name}/{version}", data=cfg.data, split=cfg.split,
-                                     settings=cfg.settings, tracking_uri=cfg.tracking_uri))
+        result = evaluate(
+            EvalConfig(
+                model_uri=f"models:/{cfg.name}/{version}",
+                data=cfg.data,
+                split=cfg.split,
+                settings=cfg.settings,
+                tracking_uri=cfg.tracking_uri,
+            )
+        )
         miou = result["metrics"]["miou"]
         client.set_model_version_tag(cfg.name, version, f"eval_{cfg.split}_miou", f"{miou:.6f}")
         client.set_model_version_tag(cfg.name, version, f"eval_{cfg.split}_fingerprint", data.fingerprint)
@@ -55,12 +64,20 @@ def promote(cfg: PromoteConfig) -> dict[str, Any]:
         promoted, reason = False, "challenger is already the champion"
     else:
         promoted = challenger_miou > champion_miou + cfg.margin
-        reason = (f"challenger mIoU {challenger_miou:.4f} vs champion {champion_miou:.4f} "
-                  f"(margin {cfg.margin}): {'promoted' if promoted else 'kept champion'}")
+        reason = (
+            f"challenger mIoU {challenger_miou:.4f} vs champion {champion_miou:.4f} "
+            f"(margin {cfg.margin}): {'promoted' if promoted else 'kept champion'}"
+        )
     if promoted:
         tracking.set_alias(client, cfg.name, "champion", challenger)
     client.set_model_version_tag(cfg.name, challenger, "promotion", "promoted" if promoted else "rejected")
-    return {"name": cfg.name, "challenger": {"version": challenger, "miou": challenger_miou},
-            "champion": {"version": champion, "miou": champion_miou}, "promoted": promoted, "reason": reason,
-            "champion_version": challenger if promoted else champion, "split": cfg.split,
-            "dataset_fingerprint": data.fingerprint}
+    return {
+        "name": cfg.name,
+        "challenger": {"version": challenger, "miou": challenger_miou},
+        "champion": {"version": champion, "miou": champion_miou},
+        "promoted": promoted,
+        "reason": reason,
+        "champion_version": challenger if promoted else champion,
+        "split": cfg.split,
+        "dataset_fingerprint": data.fingerprint,
+    }

@@ -29,7 +29,9 @@ def palette_png(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
     return buf.getvalue()
 
 
-def blend(image: np.ndarray, mask: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+def blend(
+    image: np.ndarray, mask: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5
+) -> np.ndarray:
     """Image with the coloured prediction laid over it (background class 0 left unpainted)."""
     colours = colorize(mask, palette).astype(np.float32)
     painted = (mask != 0) & (mask != 255)
@@ -38,10 +40,11 @@ def blend(image: np.ndarray, mask: np.ndarray, palette: Sequence[Sequence[int]],
     return out.clip(0, 255).astype(np.uint8)
 
 
-def overlay_panel(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray,
-                  palette: Sequence[Sequence[int]]) -> Image.Image:
+def overlay_panel(
+    image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, palette: Sequence[Sequence[int]]
+) -> Image.Image:
     """image | truth | prediction side by side (truth omitted when unknown)."""
-    panels = [image, *( [colorize(truth, palette)] if truth is not None else []), blend(image, pred, palette)]
+    panels = [image, *([colorize(truth, palette)] if truth is not None else []), blend(image, pred, palette)]
     gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
     row = [panels[0]]
     for p in panels[1:]:
@@ -74,7 +77,9 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str]):
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Plain fixed-width table for terminals and logs."""
-    cells = [[str(h) for h in headers]] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [
+        [f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -84,7 +84,9 @@ class StepState:
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.data: dict[str, Any] = json.loads(storage.read_text(uri)) if storage.exists(uri) else {"steps": {}}
+        self.data: dict[str, Any] = (
+            json.loads(storage.read_text(uri)) if storage.exists(uri) else {"steps": {}}
+        )
 
     def done(self, step: str) -> dict[str, Any] | None:
         return self.data["steps"].get(step)
@@ -101,13 +103,24 @@ def _prepare_step(cfg: RetrainConfig, fingerprint: str) -> dict[str, Any]:
     src = make_config(SourceConfig, dict(cfg.source))
     manifest_uri = storage.join(cfg.prepared, "manifest.json")
     marker = storage.join(cfg.prepared, "source_fingerprint.txt")
-    if storage.exists(manifest_uri) and storage.exists(marker) and storage.read_text(marker).strip() == fingerprint:
+    if (
+        storage.exists(manifest_uri)
+        and storage.exists(marker)
+        and storage.read_text(marker).strip() == fingerprint
+    ):
         manifest = Manifest.load(manifest_uri)
         print(f"[segpipe] prepare skipped: source unchanged (fingerprint {fingerprint[:12]})")
         return {"skipped": True, "fingerprint": manifest.fingerprint}
-    result = prepare(PrepareConfig(dataset=src.dataset, root=src.root, out=cfg.prepared,
-                                   splits=tuple(src.splits.split(",")), max_side=src.max_side or None,
-                                   max_bad_fraction=src.max_bad_fraction))
+    result = prepare(
+        PrepareConfig(
+            dataset=src.dataset,
+            root=src.root,
+            out=cfg.prepared,
+            splits=tuple(src.splits.split(",")),
+            max_side=src.max_side or None,
+            max_bad_fraction=src.max_bad_fraction,
+        )
+    )
     storage.write_text(marker, fingerprint + "\n")
     out = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     return {"skipped": False, "fingerprint": out.get("fingerprint"), "rows": out.get("rows")}
@@ -116,8 +129,14 @@ def _prepare_step(cfg: RetrainConfig, fingerprint: str) -> dict[str, Any]:
 def _tune_step(cfg: RetrainConfig, cycle: str, parent_id: str) -> dict[str, Any]:
     from pipelines.tune import parse_search, tune_search
 
-    body = {"experiment": cfg.experiment, "storage": cfg.storage, **cfg.search, "data": cfg.prepared,
-            "tracking_uri": cfg.tracking_uri, "name": f"{cfg.name}-{cycle[:8]}"}
+    body = {
+        "experiment": cfg.experiment,
+        "storage": cfg.storage,
+        **cfg.search,
+        "data": cfg.prepared,
+        "tracking_uri": cfg.tracking_uri,
+        "name": f"{cfg.name}-{cycle[:8]}",
+    }
     search, archs = parse_search(body, source="search")
     summary = tune_search(search, archs, parent_run_id=parent_id)
     best = {a: s["best"]["model_uri"] for a, s in summary["architectures"].items() if s["best"]}
@@ -136,25 +155,57 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     config_hash = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()
     cycle = hashlib.sha256(f"{fingerprint}{config_hash}".encode()).hexdigest()[:16]
     storage_uri = check_storage(cfg.storage or "ray_results")
-    cfg = dataclasses.replace(cfg, storage=storage_uri, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking_uri))
-    state = StepState(storage.join(cfg.state or storage.join(storage_uri, f"retrain-{cfg.name}"), cycle,
-                                   "state.json"))
+    cfg = dataclasses.replace(
+        cfg, storage=storage_uri, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking_uri)
+    )
+    state = StepState(
+        storage.join(cfg.state or storage.join(storage_uri, f"retrain-{cfg.name}"), cycle, "state.json")
+    )
     tracking.check_server(cfg.tracking_uri)
     client = tracking.connect(cfg.tracking_uri)
-    parent_id, resumed = tracking.start_or_resume_run(client, cfg.experiment, f"retrain-{cfg.name}-{cycle[:8]}",
-                                                      tags={"segpipe.stage": "retrain", "segpipe.cycle": cycle})
-    print(f"[segpipe] retrain {cfg.name} cycle {cycle} ({'resumed' if resumed else 'new'}; MLflow run {parent_id})")
-    tracking.log_params(client, parent_id, {"source_fingerprint": fingerprint, "register_as": cfg.register_as,
-                                            "margin": cfg.margin, "prepared": cfg.prepared})
+    parent_id, resumed = tracking.start_or_resume_run(
+        client,
+        cfg.experiment,
+        f"retrain-{cfg.name}-{cycle[:8]}",
+        tags={"segpipe.stage": "retrain", "segpipe.cycle": cycle},
+    )
+    print(
+        f"[segpipe] retrain {cfg.name} cycle {cycle} ({'resumed' if resumed else 'new'}; MLflow run {parent_id})"
+    )
+    tracking.log_params(
+        client,
+        parent_id,
+        {
+            "source_fingerprint": fingerprint,
+            "register_as": cfg.register_as,
+            "margin": cfg.margin,
+            "prepared": cfg.prepared,
+        },
+    )
     runners = {
         "prepare": lambda: _prepare_step(cfg, fingerprint),
         "tune": lambda: _tune_step(cfg, cycle, parent_id),
-        "ensemble": lambda: build_ensemble(EnsembleConfig(
-            candidates=tuple(state.done("tune")["output"]["best"].values()), data=cfg.prepared,
-            register_as=cfg.register_as, crf=cfg.crf, split=cfg.split, max_members=cfg.max_members,
-            tracking_uri=cfg.tracking_uri, experiment=cfg.experiment)),
-        "promote": lambda: promote(PromoteConfig(name=cfg.register_as, data=cfg.prepared, margin=cfg.margin,
-                                                 split=cfg.split, tracking_uri=cfg.tracking_uri)),
+        "ensemble": lambda: build_ensemble(
+            EnsembleConfig(
+                candidates=tuple(state.done("tune")["output"]["best"].values()),
+                data=cfg.prepared,
+                register_as=cfg.register_as,
+                crf=cfg.crf,
+                split=cfg.split,
+                max_members=cfg.max_members,
+                tracking_uri=cfg.tracking_uri,
+                experiment=cfg.experiment,
+            )
+        ),
+        "promote": lambda: promote(
+            PromoteConfig(
+                name=cfg.register_as,
+                data=cfg.prepared,
+                margin=cfg.margin,
+                split=cfg.split,
+                tracking_uri=cfg.tracking_uri,
+            )
+        ),
     }
     try:
         for step in STEPS:
@@ -174,6 +225,13 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     decision = state.done("promote")["output"]
     client.set_tag(parent_id, "segpipe.decision", "promoted" if decision["promoted"] else "kept champion")
     client.set_terminated(parent_id, status="FINISHED")
-    return {"cycle": cycle, "run_id": parent_id, "source_fingerprint": fingerprint,
-            "steps": state.data["steps"], "promoted": decision["promoted"], "reason": decision["reason"],
-            "champion": f"models:/{cfg.register_as}@champion", "champion_version": decision["champion_version"]}
+    return {
+        "cycle": cycle,
+        "run_id": parent_id,
+        "source_fingerprint": fingerprint,
+        "steps": state.data["steps"],
+        "promoted": decision["promoted"],
+        "reason": decision["reason"],
+        "champion": f"models:/{cfg.register_as}@champion",
+        "champion_version": decision["champion_version"],
+    }

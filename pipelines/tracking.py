@@ -22,7 +22,9 @@ def resolve_tracking_uri(uri: str = "") -> str:
     """Explicit URI, else $MLFLOW_TRACKING_URI, else the embedded sqlite store in ./mlruns (absolute)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
-        if uri.startswith(("http://", "https://", "sqlite:///", "file:", "databricks", "postgresql", "mysql")):
+        if uri.startswith(
+            ("http://", "https://", "sqlite:///", "file:", "databricks", "postgresql", "mysql")
+        ):
             return uri
         # A bare folder: keep it as an embedded sqlite store there.
         return f"sqlite:///{Path(uri).resolve() / 'mlflow.db'}"
@@ -80,14 +82,23 @@ def find_run(client, exp_id: str, run_name: str):
     """The most recent run called `run_name` in the experiment, or None."""
     safe = run_name.replace("'", "\\'")
     runs = client.search_runs(
-        [exp_id], filter_string=f"attributes.run_name = '{safe}'", order_by=["attributes.start_time DESC"],
+        [exp_id],
+        filter_string=f"attributes.run_name = '{safe}'",
+        order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     return runs[0] if runs else None
 
 
-def start_or_resume_run(client, experiment: str, run_name: str, *, tags: dict[str, str] | None = None,
-                        parent_run_id: str | None = None, reuse_finished: bool = False) -> tuple[str, bool]:
+def start_or_resume_run(
+    client,
+    experiment: str,
+    run_name: str,
+    *,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    reuse_finished: bool = False,
+) -> tuple[str, bool]:
     """(run_id, resumed): reuse an unfinished run of the same name (or a finished one if `reuse_finished`)
     so that a re-run continues it instead of starting a second run."""
     exp_id = experiment_id(client, experiment)
@@ -131,7 +142,9 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
     existing = client.get_run(run_id).data.params
-    todo = [Param(sanitize_key(k), str(v)[:6000]) for k, v in params.items() if sanitize_key(k) not in existing]
+    todo = [
+        Param(sanitize_key(k), str(v)[:6000]) for k, v in params.items() if sanitize_key(k) not in existing
+    ]
     for i in range(0, len(todo), 100):
         client.log_batch(run_id, params=todo[i : i + 100])
 
@@ -141,7 +154,9 @@ def download_model(uri: str, tracking_uri: str = "") -> Path:
     local = Path(uri).expanduser()
     if "://" not in uri and not uri.startswith(("runs:", "models:")):
         if not (local / "model.json").is_file():
-            raise UserError(f"model folder {local} has no model.json; pass a folder written by segpipe or an MLflow URI")
+            raise UserError(
+                f"model folder {local} has no model.json; pass a folder written by segpipe or an MLflow URI"
+            )
         return local
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -151,10 +166,16 @@ def download_model(uri: str, tracking_uri: str = "") -> Path:
     if uri.startswith("models:/"):
         source = model_version(client, uri).source
     elif not uri.startswith(("runs:/", "s3://", "file:", "http")):
-        raise UserError(f"unsupported model URI {uri!r}: use runs:/RUN_ID/model, models:/NAME/VERSION, "
-                        "models:/NAME@ALIAS or a local folder")
+        raise UserError(
+            f"unsupported model URI {uri!r}: use runs:/RUN_ID/model, models:/NAME/VERSION, "
+            "models:/NAME@ALIAS or a local folder"
+        )
     try:
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="segpipe-model-")))
+        path = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="segpipe-model-")
+            )
+        )
     except (MlflowException, OSError) as err:
         raise UserError(f"cannot fetch model {uri!r} from {client.tracking_uri}: {err}") from None
     if not (path / "model.json").is_file():
@@ -180,12 +201,15 @@ def model_version(client, uri: str):
         return client.get_model_version(name, version)
     except MlflowException as err:
         what = f"alias {alias!r}" if alias is not None else f"version {version!r}"
-        raise UserError(f"registered model {name!r} has no {what} in {client.tracking_uri}: {err.message}") from None
+        raise UserError(
+            f"registered model {name!r} has no {what} in {client.tracking_uri}: {err.message}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- registry
-def register_model_folder(client, name: str, folder: Path, *, run_id: str, description: str = "",
-                          tags: dict[str, str] | None = None):
+def register_model_folder(
+    client, name: str, folder: Path, *, run_id: str, description: str = "", tags: dict[str, str] | None = None
+):
     """Log a model folder to `run_id` as its `model` artifact and register it as a new version of `name`."""
     from mlflow.exceptions import MlflowException
 
@@ -195,8 +219,9 @@ def register_model_folder(client, name: str, folder: Path, *, run_id: str, descr
     except MlflowException:
         client.create_registered_model(name, description="segpipe segmentation models (see model.json)")
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
-    version = client.create_model_version(name, source=source, run_id=run_id, description=description,
-                                          tags=tags or {})
+    version = client.create_model_version(
+        name, source=source, run_id=run_id, description=description, tags=tags or {}
+    )
     return version
 
 

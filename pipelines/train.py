@@ -31,8 +31,12 @@ class TrainResult:
     metrics: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "model_uri": self.model_uri, "checkpoint": self.checkpoint,
-                "metrics": self.metrics}
+        return {
+            "run_id": self.run_id,
+            "model_uri": self.model_uri,
+            "checkpoint": self.checkpoint,
+            "metrics": self.metrics,
+        }
 
 
 def check_model(cfg: TrainConfig, num_classes: int) -> None:
@@ -45,8 +49,10 @@ def check_model(cfg: TrainConfig, num_classes: int) -> None:
         raise UserError(f"unknown model {cfg.model!r}; choose one of {', '.join(segmodels.MODELS)}")
     given = cfg.model_args.get("num_classes")
     if given is not None and int(given) != num_classes:
-        raise UserError(f"num_classes={given} disagrees with the dataset manifest ({num_classes} classes); "
-                        "drop num_classes from --model-arg: it is taken from the manifest")
+        raise UserError(
+            f"num_classes={given} disagrees with the dataset manifest ({num_classes} classes); "
+            "drop num_classes from --model-arg: it is taken from the manifest"
+        )
     args = {k: v for k, v in cfg.model_args.items() if k != "num_classes"}
     try:
         with torch.device("meta"):
@@ -56,7 +62,9 @@ def check_model(cfg: TrainConfig, num_classes: int) -> None:
     if cfg.pretrained:
         # Load into a CPU copy now: a missing file, a wrong architecture or a width != 1 fails here, not in a worker.
         try:
-            segmodels.load_backbone_weights(segmodels.build_model(cfg.model, num_classes, **args), cfg.pretrained)
+            segmodels.load_backbone_weights(
+                segmodels.build_model(cfg.model, num_classes, **args), cfg.pretrained
+            )
         except (OSError, ValueError) as err:
             raise UserError(f"--pretrained {cfg.pretrained}: {err}") from None
 
@@ -71,8 +79,10 @@ def check_storage(storage: str) -> str:
         store.write_bytes(probe, b"ok")
         store.remove(probe)
     except Exception as err:  # any filesystem error means the same thing to the user
-        raise UserError(f"storage {storage!r} is not writable ({err}); pass --storage with a writable path "
-                        "or s3:// prefix") from None
+        raise UserError(
+            f"storage {storage!r} is not writable ({err}); pass --storage with a writable path "
+            "or s3:// prefix"
+        ) from None
     return location
 
 
@@ -85,27 +95,37 @@ def resolve(cfg: TrainConfig):
     data = open_prepared(cfg.data)
     for split in ("train", "val"):
         if split not in data.manifest.splits:
-            raise UserError(f"{cfg.data} has no {split!r} split (has {', '.join(data.manifest.splits)}); "
-                            f"re-run `segpipe prepare --splits train,val`")
+            raise UserError(
+                f"{cfg.data} has no {split!r} split (has {', '.join(data.manifest.splits)}); "
+                f"re-run `segpipe prepare --splits train,val`"
+            )
     check_model(cfg, data.num_classes)
     rows_per_worker = data.manifest.splits["train"].rows // cfg.num_workers
     if rows_per_worker < cfg.batch_size:
-        raise UserError(f"each of {cfg.num_workers} workers gets {rows_per_worker} training images, fewer than "
-                        f"--batch-size {cfg.batch_size}; lower --batch-size or --num-workers")
+        raise UserError(
+            f"each of {cfg.num_workers} workers gets {rows_per_worker} training images, fewer than "
+            f"--batch-size {cfg.batch_size}; lower --batch-size or --num-workers"
+        )
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     tracking.check_server(uri)
     run_name = cfg.run_name or f"{cfg.model}-{data.manifest.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = check_storage(cfg.storage or str(Path.cwd() / "ray_results"))
     model_args = {k: v for k, v in cfg.model_args.items() if k != "num_classes"}
-    return replace(cfg, run_name=run_name, storage=storage, tracking_uri=uri, model_args=model_args), data, uri
+    return (
+        replace(cfg, run_name=run_name, storage=storage, tracking_uri=uri, model_args=model_args),
+        data,
+        uri,
+    )
 
 
 def _check_gpus(cfg: TrainConfig) -> None:
     from pipelines.runtime import cluster_gpus
 
     if cfg.use_gpu and cluster_gpus() < cfg.num_workers:
-        raise UserError(f"--use-gpu asks for {cfg.num_workers} GPU worker(s) but the Ray cluster has "
-                        f"{cluster_gpus():g} GPU(s); drop --use-gpu or add GPU nodes")
+        raise UserError(
+            f"--use-gpu asks for {cfg.num_workers} GPU worker(s) but the Ray cluster has "
+            f"{cluster_gpus():g} GPU(s); drop --use-gpu or add GPU nodes"
+        )
 
 
 def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = None):
@@ -119,9 +139,15 @@ def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = N
     # Train V2 re-routes worker prints through a logger that also echoes them: one epoch line, not two.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
-    train_ds = data.split("train").randomize_block_order().map_batches(
-        augment_batch, fn_kwargs={"params": AugmentParams.from_train_config(cfg)}, batch_size=8,
-        batch_format="numpy",
+    train_ds = (
+        data.split("train")
+        .randomize_block_order()
+        .map_batches(
+            augment_batch,
+            fn_kwargs={"params": AugmentParams.from_train_config(cfg)},
+            batch_size=8,
+            batch_format="numpy",
+        )
     )
     val_ds = data.split("val").map_batches(decode_batch, batch_size=4, batch_format="numpy")
     iters = data.manifest.splits["train"].rows // cfg.num_workers // cfg.batch_size
@@ -129,19 +155,28 @@ def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = N
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": cfg.to_dict(), "classes": list(data.classes), "palette": [list(c) for c in data.palette],
-            "run_id": run_id, "tracking_uri": cfg.tracking_uri, "iters_per_epoch": iters,
+            "cfg": cfg.to_dict(),
+            "classes": list(data.classes),
+            "palette": [list(c) for c in data.palette],
+            "run_id": run_id,
+            "tracking_uri": cfg.tracking_uri,
+            "iters_per_epoch": iters,
             "fingerprint": data.fingerprint,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
-            name=cfg.run_name, storage_path=cfg.storage, callbacks=callbacks or None,
+            name=cfg.run_name,
+            storage_path=cfg.storage,
+            callbacks=callbacks or None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
-                                                         checkpoint_score_attribute="val_miou",
-                                                         checkpoint_score_order="max"),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoints_to_keep,
+                checkpoint_score_attribute="val_miou",
+                checkpoint_score_order="max",
+            ),
         ),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -155,11 +190,26 @@ def model_spec_from_state(state: dict[str, Any], name: str, source: str):
 
     cfg = state["config"]
     scores = {k: v for k, v in state["metrics"].items() if k.startswith("val_")}
-    member = MemberSpec(arch=cfg["model"], num_classes=len(state["classes"]), weights="member0.safetensors",
-                        model_args=cfg["model_args"], config=cfg, metrics=scores, source=source)
-    return ModelSpec(name=name, classes=state["classes"], palette=state["palette"], members=[member],
-                     ensemble_weights=[1.0], mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                     metrics=scores, dataset_fingerprint=state["fingerprint"])
+    member = MemberSpec(
+        arch=cfg["model"],
+        num_classes=len(state["classes"]),
+        weights="member0.safetensors",
+        model_args=cfg["model_args"],
+        config=cfg,
+        metrics=scores,
+        source=source,
+    )
+    return ModelSpec(
+        name=name,
+        classes=state["classes"],
+        palette=state["palette"],
+        members=[member],
+        ensemble_weights=[1.0],
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        metrics=scores,
+        dataset_fingerprint=state["fingerprint"],
+    )
 
 
 def log_final_model(client, run_id: str, checkpoint, data, cfg: TrainConfig) -> dict[str, Any]:
@@ -179,8 +229,9 @@ def log_final_model(client, run_id: str, checkpoint, data, cfg: TrainConfig) -> 
         model_dir = save_model_dir(Path(tmp) / "model", spec, [weights])
         client.log_artifacts(run_id, str(model_dir), tracking.MODEL_ARTIFACT_PATH)
         log_overlays(client, run_id, model_dir, data, cfg.num_overlays, Path(tmp))
-    client.log_figure(run_id, confusion_figure(np.asarray(state["confusion"]), state["classes"]),
-                      "confusion_matrix.png")
+    client.log_figure(
+        run_id, confusion_figure(np.asarray(state["confusion"]), state["classes"]), "confusion_matrix.png"
+    )
     return state["metrics"]
 
 
@@ -222,13 +273,23 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     # Ray keeps this run's checkpoints under storage/run_name: if they exist, this is a resume.
     has_checkpoints = storage.exists(storage.join(cfg.storage, cfg.run_name))
     run_id, resumed = tracking.start_or_resume_run(
-        client, cfg.experiment, cfg.run_name, tags={"segpipe.stage": "train", "segpipe.model": cfg.model},
-        parent_run_id=cfg.parent_run_id or None, reuse_finished=has_checkpoints,
+        client,
+        cfg.experiment,
+        cfg.run_name,
+        tags={"segpipe.stage": "train", "segpipe.model": cfg.model},
+        parent_run_id=cfg.parent_run_id or None,
+        reuse_finished=has_checkpoints,
     )
     print(f"[segpipe] {'resuming' if resumed else 'starting'} MLflow run {run_id} ({cfg.run_name}) in {uri}")
-    tracking.log_params(client, run_id, {**{f"cfg.{k}": v for k, v in cfg.to_dict().items()},
-                                         "dataset_fingerprint": data.fingerprint,
-                                         "dataset": data.manifest.dataset})
+    tracking.log_params(
+        client,
+        run_id,
+        {
+            **{f"cfg.{k}": v for k, v in cfg.to_dict().items()},
+            "dataset_fingerprint": data.fingerprint,
+            "dataset": data.manifest.dataset,
+        },
+    )
     try:
         result = make_trainer(cfg, data, run_id, callbacks).fit()
         best = result.get_best_checkpoint("val_miou", "max") or result.checkpoint
@@ -239,5 +300,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-    return TrainResult(run_id=run_id, model_uri=f"runs:/{run_id}/{tracking.MODEL_ARTIFACT_PATH}",
-                       checkpoint=best.path, metrics=metrics)
+    return TrainResult(
+        run_id=run_id,
+        model_uri=f"runs:/{run_id}/{tracking.MODEL_ARTIFACT_PATH}",
+        checkpoint=best.path,
+        metrics=metrics,
+    )

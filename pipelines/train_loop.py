@@ -122,12 +122,23 @@ def validate(net, batches, num_classes: int, cfg: TrainConfig, device, *, rank: 
     return cm
 
 
-def save_checkpoint(folder: Path, net, optimizer, scaler, *, epoch: int, iteration: int, cfg: TrainConfig,
-                    extra: dict[str, Any]) -> None:
+def save_checkpoint(
+    folder: Path,
+    net,
+    optimizer,
+    scaler,
+    *,
+    epoch: int,
+    iteration: int,
+    cfg: TrainConfig,
+    extra: dict[str, Any],
+) -> None:
     """Weights as safetensors; optimiser and scaler state via torch.save (read back with weights_only=True)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / WEIGHTS_FILE)
+    )
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scaler.state_dict(), folder / "scaler.pt")
     state = {"epoch": epoch, "iteration": iteration, "config": cfg.to_dict(), **extra}
@@ -184,21 +195,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = load_checkpoint(Path(folder), net, optimizer, scaler, device)
         start_epoch, iteration = state["epoch"] + 1, state["iteration"]
         if rank == 0:
-            print(f"[segpipe] resuming {cfg.run_name or cfg.model} from epoch {state['epoch'] + 1} checkpoint")
+            print(
+                f"[segpipe] resuming {cfg.run_name or cfg.model} from epoch {state['epoch'] + 1} checkpoint"
+            )
 
     client = tracking.connect(config["tracking_uri"]) if rank == 0 else None
     iters = config["iters_per_epoch"]
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         train_batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size,
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * cfg.batch_size,
         )
         loss, images, iteration = train_one_epoch(
-            model, optimizer, scaler, train_batches, cfg, device, iteration=iteration, iters_per_epoch=iters,
+            model,
+            optimizer,
+            scaler,
+            train_batches,
+            cfg,
+            device,
+            iteration=iteration,
+            iters_per_epoch=iters,
         )
         train_time = time.perf_counter() - started
-        val_batches = ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.val_batch_size,
-                                                                       batch_format="numpy")
+        val_batches = ray.train.get_dataset_shard("val").iter_batches(
+            batch_size=cfg.val_batch_size, batch_format="numpy"
+        )
         cm = validate(net, val_batches, len(classes), cfg, device, rank=rank, world=world)
         scores = cm.compute()
         metrics = {
@@ -218,15 +241,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint(Path(tmp), net, optimizer, scaler, epoch=epoch, iteration=iteration, cfg=cfg,
-                                extra={"classes": classes, "palette": config["palette"], "run_id": config["run_id"],
-                                       "fingerprint": config["fingerprint"], "metrics": metrics,
-                                       "confusion": cm.matrix.tolist()})
+                save_checkpoint(
+                    Path(tmp),
+                    net,
+                    optimizer,
+                    scaler,
+                    epoch=epoch,
+                    iteration=iteration,
+                    cfg=cfg,
+                    extra={
+                        "classes": classes,
+                        "palette": config["palette"],
+                        "run_id": config["run_id"],
+                        "fingerprint": config["fingerprint"],
+                        "metrics": metrics,
+                        "confusion": cm.matrix.tolist(),
+                    },
+                )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
         if rank == 0:
-            tracking.log_metrics_once(client, config["run_id"], {k: v for k, v in metrics.items() if k != "epoch"},
-                                      step=epoch)
-            print(f"[segpipe] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} val mIoU {scores['miou']:.4f} "
-                  f"pixel acc {scores['pixel_acc']:.4f} {metrics['images_per_s']:.1f} img/s "
-                  f"{metrics['epoch_time_s']:.1f} s", flush=True)
+            tracking.log_metrics_once(
+                client, config["run_id"], {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch
+            )
+            print(
+                f"[segpipe] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} val mIoU {scores['miou']:.4f} "
+                f"pixel acc {scores['pixel_acc']:.4f} {metrics['images_per_s']:.1f} img/s "
+                f"{metrics['epoch_time_s']:.1f} s",
+                flush=True,
+            )

@@ -63,8 +63,10 @@ class SearchConfig:
         if self.num_samples < 1 or self.max_concurrent < 1:
             raise UserError("num_samples and max_concurrent must be >= 1")
         if self.trial_cpus < 0 or self.trial_memory_mb < 1:
-            raise UserError(f"trial_cpus={self.trial_cpus}, trial_memory_mb={self.trial_memory_mb}: need "
-                            "trial_cpus >= 0 and trial_memory_mb >= 1")
+            raise UserError(
+                f"trial_cpus={self.trial_cpus}, trial_memory_mb={self.trial_memory_mb}: need "
+                "trial_cpus >= 0 and trial_memory_mb >= 1"
+            )
         if not isinstance(self.architectures, dict) or not self.architectures:
             raise UserError("`architectures` must map at least one model name to {base: ..., space: ...}")
 
@@ -79,7 +81,9 @@ class ArchSearch:
 def _check_distribution(arch: str, key: str, spec: Any) -> None:
     where = f"architectures.{arch}.space.{key}"
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise UserError(f"{where}: expected one of {{{', '.join(f'{d}: ...' for d in DISTRIBUTIONS)}}}, got {spec!r}")
+        raise UserError(
+            f"{where}: expected one of {{{', '.join(f'{d}: ...' for d in DISTRIBUTIONS)}}}, got {spec!r}"
+        )
     kind, args = next(iter(spec.items()))
     if not isinstance(args, list) or not args:
         raise UserError(f"{where}.{kind}: expected a non-empty list, got {args!r}")
@@ -99,17 +103,25 @@ def parse_search(values: dict[str, Any], source: str) -> tuple[SearchConfig, lis
     archs = []
     for arch, body in search.architectures.items():
         if arch not in segmodels.MODELS:
-            raise UserError(f"{source}: unknown architecture {arch!r}; choose from {', '.join(segmodels.MODELS)}")
+            raise UserError(
+                f"{source}: unknown architecture {arch!r}; choose from {', '.join(segmodels.MODELS)}"
+            )
         body = body or {}
         extra = set(body) - {"base", "space"}
         if extra:
-            raise UserError(f"{source}: architectures.{arch} has unknown key(s) {sorted(extra)}; use base and space")
+            raise UserError(
+                f"{source}: architectures.{arch} has unknown key(s) {sorted(extra)}; use base and space"
+            )
         base, space = dict(body.get("base") or {}), dict(body.get("space") or {})
         for key in [*base, *space]:
             if key in ("model", "data", "run_name", "parent_run_id"):
-                raise UserError(f"{source}: architectures.{arch}.{key} is set by `segpipe tune` itself; remove it")
+                raise UserError(
+                    f"{source}: architectures.{arch}.{key} is set by `segpipe tune` itself; remove it"
+                )
             if key not in train_keys:
-                make_config(TrainConfig, {key: 0}, source=f"{source}: architectures.{arch}")  # raises, with a hint
+                make_config(
+                    TrainConfig, {key: 0}, source=f"{source}: architectures.{arch}"
+                )  # raises, with a hint
         for key, spec in space.items():
             _check_distribution(arch, key, spec)
         archs.append(ArchSearch(arch=arch, base=base, space=space))
@@ -123,8 +135,11 @@ def _tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for key, spec in space.items():
         kind, args = next(iter(spec.items()))
         out[key] = {
-            "loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
-            "randint": lambda a: tune.randint(a[0], a[1] + 1), "choice": tune.choice, "grid": tune.grid_search,
+            "loguniform": lambda a: tune.loguniform(*a),
+            "uniform": lambda a: tune.uniform(*a),
+            "randint": lambda a: tune.randint(a[0], a[1] + 1),
+            "choice": tune.choice,
+            "grid": tune.grid_search,
         }[kind](args)
     return out
 
@@ -134,11 +149,25 @@ def _first_sample(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {k: next(iter(s.values()))[0] for k, s in space.items()}
 
 
-def trial_config(search: SearchConfig, a: ArchSearch, sample: dict[str, Any], run_name: str,
-                 parent_run_id: str, storage: str) -> TrainConfig:
-    values = {**a.base, **sample, "model": a.arch, "data": search.data, "run_name": run_name,
-              "experiment": search.experiment, "tracking_uri": search.tracking_uri, "storage": storage,
-              "parent_run_id": parent_run_id}
+def trial_config(
+    search: SearchConfig,
+    a: ArchSearch,
+    sample: dict[str, Any],
+    run_name: str,
+    parent_run_id: str,
+    storage: str,
+) -> TrainConfig:
+    values = {
+        **a.base,
+        **sample,
+        "model": a.arch,
+        "data": search.data,
+        "run_name": run_name,
+        "experiment": search.experiment,
+        "tracking_uri": search.tracking_uri,
+        "storage": storage,
+        "parent_run_id": parent_run_id,
+    }
     return make_config(TrainConfig, values, source=f"architectures.{a.arch}")
 
 
@@ -151,8 +180,11 @@ def run_trial(config: dict[str, Any]) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     sample = {k: v for k, v in config.items() if not k.startswith("_")}
-    cfg = make_config(TrainConfig, {**config["_base"], **sample, "run_name": f"{config['_prefix']}-{trial_id}"},
-                      source="trial")
+    cfg = make_config(
+        TrainConfig,
+        {**config["_base"], **sample, "run_name": f"{config['_prefix']}-{trial_id}"},
+        source="trial",
+    )
     train(cfg, callbacks=[TuneReportCallback()])
 
 
@@ -165,11 +197,17 @@ def _tuner(search: SearchConfig, a: ArchSearch, *, parent_run_id: str, storage: 
     if search.scheduler == "asha":
         # max_t one past the last epoch: ASHA stops any trial that reaches max_t the moment it reports, which
         # would kill a finished trial before it logs its model and closes its MLflow run.
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=search.grace_period,
-                                  reduction_factor=search.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=epochs + 1,
+            grace_period=search.grace_period,
+            reduction_factor=search.reduction_factor,
+        )
     base = trial_config(search, a, {}, "", parent_run_id, str(Path(storage) / "train")).to_dict()
     base = {k: v for k, v in base.items() if k not in a.space and k != "run_name"}
-    trainable = tune.with_resources(run_trial, {"CPU": search.trial_cpus, "memory": search.trial_memory_mb * 2**20})
+    trainable = tune.with_resources(
+        run_trial, {"CPU": search.trial_cpus, "memory": search.trial_memory_mb * 2**20}
+    )
     path = str(Path(storage) / tune_name)
     if tune.Tuner.can_restore(path):
         print(f"[segpipe] restoring search {tune_name} from {path}")
@@ -177,8 +215,13 @@ def _tuner(search: SearchConfig, a: ArchSearch, *, parent_run_id: str, storage: 
     return tune.Tuner(
         trainable,
         param_space={**_tune_space(a.space), "_base": base, "_prefix": tune_name},
-        tune_config=tune.TuneConfig(metric=search.metric, mode="max", scheduler=scheduler,
-                                    num_samples=search.num_samples, max_concurrent_trials=search.max_concurrent),
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode="max",
+            scheduler=scheduler,
+            num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent,
+        ),
         run_config=tune.RunConfig(name=tune_name, storage_path=storage),
     )
 
@@ -200,11 +243,19 @@ def _summarise(client, search: SearchConfig, tune_name: str, parent_id: str, gri
             client.set_tag(run.info.run_id, "segpipe.early_stopped", "true")
             client.set_terminated(run.info.run_id, status="KILLED")
             status = "KILLED"
-        entry = {"trial_id": trial_id, "run_id": run.info.run_id, "status": status,
-                 "iterations": int(result.metrics.get("training_iteration", 0)) if result else 0,
-                 search.metric: run.data.metrics.get(search.metric),
-                 "params": {k.removeprefix("cfg."): v for k, v in run.data.params.items()
-                            if k.removeprefix("cfg.") in search.architectures.get(run.data.tags.get("segpipe.model"), {}).get("space", {})}}
+        entry = {
+            "trial_id": trial_id,
+            "run_id": run.info.run_id,
+            "status": status,
+            "iterations": int(result.metrics.get("training_iteration", 0)) if result else 0,
+            search.metric: run.data.metrics.get(search.metric),
+            "params": {
+                k.removeprefix("cfg."): v
+                for k, v in run.data.params.items()
+                if k.removeprefix("cfg.")
+                in search.architectures.get(run.data.tags.get("segpipe.model"), {}).get("space", {})
+            },
+        }
         if status == "FINISHED" and entry[search.metric] is not None:
             entry["model_uri"] = f"runs:/{run.info.run_id}/{tracking.MODEL_ARTIFACT_PATH}"
             if best is None or entry[search.metric] > best[search.metric]:
@@ -213,7 +264,9 @@ def _summarise(client, search: SearchConfig, tune_name: str, parent_id: str, gri
     return {"best": best, "trials": sorted(trials, key=lambda t: t["trial_id"])}
 
 
-def tune_search(search: SearchConfig, archs: list[ArchSearch], parent_run_id: str | None = None) -> dict[str, Any]:
+def tune_search(
+    search: SearchConfig, archs: list[ArchSearch], parent_run_id: str | None = None
+) -> dict[str, Any]:
     """Run (or resume) every architecture's search; returns the best trial and model URI per architecture.
 
     `parent_run_id`: nest the search's own MLflow run under this one (set by `segpipe retrain`).
@@ -235,12 +288,24 @@ def tune_search(search: SearchConfig, archs: list[ArchSearch], parent_run_id: st
     from ray import tune
 
     restorable = any(tune.Tuner.can_restore(str(Path(storage) / f"{search.name}-{a.arch}")) for a in archs)
-    parent_id, resumed = tracking.start_or_resume_run(client, search.experiment, search.name,
-                                                      tags={"segpipe.stage": "tune"}, parent_run_id=parent_run_id,
-                                                      reuse_finished=restorable)
+    parent_id, resumed = tracking.start_or_resume_run(
+        client,
+        search.experiment,
+        search.name,
+        tags={"segpipe.stage": "tune"},
+        parent_run_id=parent_run_id,
+        reuse_finished=restorable,
+    )
     print(f"[segpipe] {'resuming' if resumed else 'starting'} search {search.name} (MLflow run {parent_id})")
-    tracking.log_params(client, parent_id, {"num_samples": search.num_samples, "scheduler": search.scheduler,
-                                            "architectures": ",".join(a.arch for a in archs)})
+    tracking.log_params(
+        client,
+        parent_id,
+        {
+            "num_samples": search.num_samples,
+            "scheduler": search.scheduler,
+            "architectures": ",".join(a.arch for a in archs),
+        },
+    )
     summary: dict[str, Any] = {"parent_run_id": parent_id, "architectures": {}}
     try:
         for a in archs:
@@ -251,7 +316,9 @@ def tune_search(search: SearchConfig, archs: list[ArchSearch], parent_run_id: st
             arch_summary["seconds"] = time.perf_counter() - started
             summary["architectures"][a.arch] = arch_summary
             if arch_summary["best"]:
-                client.log_metric(parent_id, f"best_{search.metric}_{a.arch}", arch_summary["best"][search.metric])
+                client.log_metric(
+                    parent_id, f"best_{search.metric}_{a.arch}", arch_summary["best"][search.metric]
+                )
         client.log_dict(parent_id, summary, "search_summary.json")
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")

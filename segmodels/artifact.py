@@ -63,8 +63,10 @@ class ModelSpec:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a segpipe model (format={data.get('format')!r}, expected {FORMAT!r})")
         if data.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"model format version {data['format_version']} is newer than this segpipe "
-                             f"({FORMAT_VERSION}); upgrade segpipe")
+            raise ValueError(
+                f"model format version {data['format_version']} is newer than this segpipe "
+                f"({FORMAT_VERSION}); upgrade segpipe"
+            )
         body = {k: v for k, v in data.items() if k not in ("format", "format_version")}
         body["members"] = [MemberSpec(**m) for m in body["members"]]
         return cls(**body)
@@ -90,7 +92,9 @@ def read_spec(path: str | Path) -> ModelSpec:
     return ModelSpec.from_json(json.loads(file.read_text()))
 
 
-def load_member(folder: str | Path, member: MemberSpec, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_member(
+    folder: str | Path, member: MemberSpec, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """Rebuild one member network and load its safetensors weights strictly, in eval mode."""
     from segmodels import build_model
 

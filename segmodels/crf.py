@@ -68,7 +68,10 @@ def dense_crf(
     crf.addPairwiseGaussian(sxy=params.theta_gamma, compat=params.w2)
     # pydensecrf takes the image as a writable C buffer; decoded or Ray-shared arrays are often read-only.
     crf.addPairwiseBilateral(
-        sxy=params.theta_alpha, srgb=params.theta_beta, rgbim=np.require(image, requirements=["C", "W"]), compat=params.w1
+        sxy=params.theta_alpha,
+        srgb=params.theta_beta,
+        rgbim=np.require(image, requirements=["C", "W"]),
+        compat=params.w1,
     )
     refined = np.asarray(crf.inference(params.iterations), dtype=np.float32)
     return refined.reshape(num_classes, height, width)

@@ -11,9 +11,22 @@ from pipelines.config import TrainConfig
 
 # The same architectures as the papers at a fraction of the channels, so a CPU trains them in seconds.
 # U-Net with BN ("same" padding): plain VGG nets need ImageNet weights (--pretrained) to train at all.
-TINY = {"model": "unet", "model_args": {"width": 0.125, "padding": "same"}, "crop": 64, "batch_size": 4,
-        "epochs": 3, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "lr_policy": "poly",
-        "scale_min": 0.75, "scale_max": 1.25, "num_workers": 1, "max_failures": 2, "num_overlays": 2}
+TINY = {
+    "model": "unet",
+    "model_args": {"width": 0.125, "padding": "same"},
+    "crop": 64,
+    "batch_size": 4,
+    "epochs": 3,
+    "optimizer": "adamw",
+    "lr": 3e-3,
+    "weight_decay": 1e-4,
+    "lr_policy": "poly",
+    "scale_min": 0.75,
+    "scale_max": 1.25,
+    "num_workers": 1,
+    "max_failures": 2,
+    "num_overlays": 2,
+}
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +52,14 @@ def tiny_config(prepared_voc, mlflow_uri, tmp_path):
     """TrainConfig factory: tiny settings on the session dataset, storage and MLflow inside tmp_path."""
 
     def make(**overrides) -> TrainConfig:
-        values = {**TINY, "data": prepared_voc, "tracking_uri": mlflow_uri, "storage": str(tmp_path / "ray"),
-                  "experiment": "test", **overrides}
+        values = {
+            **TINY,
+            "data": prepared_voc,
+            "tracking_uri": mlflow_uri,
+            "storage": str(tmp_path / "ray"),
+            "experiment": "test",
+            **overrides,
+        }
         return TrainConfig(**values)
 
     return make

@@ -21,23 +21,39 @@ from pipelines.retrain import load_retrain, retrain
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-UNET = {"model_args": {"width": 0.125, "padding": "same"}, "optimizer": "adamw", "lr_policy": "fixed",
-        "crop": 64, "batch_size": 4, "epochs": 2, "scale_min": 0.75, "scale_max": 1.25, "num_overlays": 1}
+UNET = {
+    "model_args": {"width": 0.125, "padding": "same"},
+    "optimizer": "adamw",
+    "lr_policy": "fixed",
+    "crop": 64,
+    "batch_size": 4,
+    "epochs": 2,
+    "scale_min": 0.75,
+    "scale_max": 1.25,
+    "num_overlays": 1,
+}
 
 
 @pytest.fixture(scope="module")
 def voc_source(tmp_path_factory) -> Path:
     from pipelines.synth import SynthConfig, synthesize
 
-    return synthesize(SynthConfig(layout="voc", out=str(tmp_path_factory.mktemp("retrain") / "voc"),
-                                  num_train=32, num_val=8, seed=5))
+    return synthesize(
+        SynthConfig(
+            layout="voc", out=str(tmp_path_factory.mktemp("retrain") / "voc"), num_train=32, num_val=8, seed=5
+        )
+    )
 
 
 def retrain_file(folder: Path, voc_root: Path, **overrides) -> Path:
     body = {
-        "name": "t", "source": {"dataset": "voc", "root": str(voc_root)}, "prepared": str(folder / "prepared"),
-        "storage": str(folder / "ray"), "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
-        "experiment": "retrain", "register_as": "retrained",
+        "name": "t",
+        "source": {"dataset": "voc", "root": str(voc_root)},
+        "prepared": str(folder / "prepared"),
+        "storage": str(folder / "ray"),
+        "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+        "experiment": "retrain",
+        "register_as": "retrained",
         "search": {"num_samples": 1, "scheduler": "none", "architectures": {"unet": {"base": UNET}}},
         **overrides,
     }
@@ -52,8 +68,9 @@ def training_runs(uri: str) -> int:
     return len(client.search_runs([exp.experiment_id], filter_string="tags.`segpipe.stage` = 'train'"))
 
 
-def test_promotes_then_is_idempotent_then_keeps_champion_without_a_margin_win(voc_source, tmp_path, ray_session,
-                                                                              capfd):
+def test_promotes_then_is_idempotent_then_keeps_champion_without_a_margin_win(
+    voc_source, tmp_path, ray_session, capfd
+):
     cfg = load_retrain(str(retrain_file(tmp_path, voc_source)))
     first = retrain(cfg)
     assert first["promoted"] and first["champion_version"] == "1"
@@ -83,8 +100,14 @@ def test_crash_after_tune_resumes_from_finished_steps(voc_source, tmp_path):
     config = retrain_file(tmp_path, voc_source)
     cfg = load_retrain(str(config))
     cmd = [sys.executable, "-m", "pipelines.cli", "retrain", "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     deadline = time.monotonic() + 600
     state = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -99,8 +122,14 @@ def test_crash_after_tune_resumes_from_finished_steps(voc_source, tmp_path):
     assert "promote" not in json.loads(state.read_text())["steps"]
     runs = training_runs(cfg.tracking_uri)
 
-    done = subprocess.run(cmd + ["--json-out", str(tmp_path / "out.json")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+    done = subprocess.run(
+        cmd + ["--json-out", str(tmp_path / "out.json")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "step prepare: already done" in done.stdout and "step tune: already done" in done.stdout
     assert training_runs(cfg.tracking_uri) == runs  # nothing retrained
@@ -117,32 +146,73 @@ def _free_port() -> int:
 def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
     """`ray start --head` on 127.0.0.1 (token auth), `ray job submit --working-dir`, wait, check the champion."""
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_ADDRESS": "",
+    }
     gcs, dashboard, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
     temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=3", f"--temp-dir={temp}",
-         # Free ports for the node's job agent: the defaults may be held by the test session's own Ray.
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}",
-         "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=3",
+            f"--temp-dir={temp}",
+            # Free ports for the node's job agent: the defaults may be held by the test session's own Ray.
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 120
-        while subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
+        while (
+            subprocess.run(
+                [str(bin_dir / "ray"), "job", "list", "--address", address], env=env, capture_output=True
+            ).returncode
+            != 0
+        ):
             assert time.monotonic() < deadline and head.poll() is None, "Ray head did not come up"
             time.sleep(1)
         config = retrain_file(tmp_path, voc_source)
         out = tmp_path / "job.json"
-        runtime_env = {"working_dir": str(REPO),
-                       "excludes": [".venv", ".git", "demo", "mlruns", "ray_results", "*.egg-info"]}
-        submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--runtime-env-json",
-                  json.dumps(runtime_env), "--", "python", "-m", "pipelines.cli", "retrain", "--config", str(config),
-                  "--json-out", str(out)]
+        runtime_env = {
+            "working_dir": str(REPO),
+            "excludes": [".venv", ".git", "demo", "mlruns", "ray_results", "*.egg-info"],
+        }
+        submit = [
+            str(bin_dir / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "pipelines.cli",
+            "retrain",
+            "--config",
+            str(config),
+            "--json-out",
+            str(out),
+        ]
         # The Jobs API answers before the head's job agent has registered ("No available agent"): retry that.
         for _ in range(30):
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
@@ -170,7 +240,9 @@ def test_bad_retrain_file_fails_before_any_work(voc_source, tmp_path):
     with pytest.raises(UserError, match="did you mean 'margin'"):
         load_retrain(str(retrain_file(tmp_path, voc_source, margni=0.1)))
     with pytest.raises(UserError, match="search.data is set by retrain"):
-        load_retrain(str(retrain_file(tmp_path, voc_source, search={"data": "x", "architectures": {"unet": {}}})))
+        load_retrain(
+            str(retrain_file(tmp_path, voc_source, search={"data": "x", "architectures": {"unet": {}}}))
+        )
     bad_source = retrain_file(tmp_path, voc_source, source={"dataset": "voc", "root": str(tmp_path / "none")})
     with pytest.raises(UserError, match="empty or missing"):
         retrain(load_retrain(str(bad_source)))
@@ -182,12 +254,35 @@ def test_demo_runs_the_whole_mission(tmp_path):
     port = _free_port()
     out = tmp_path / "demo.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "demo", "--workdir", str(tmp_path / "demo"), "--epochs", "2",
-         "--trials", "1", "--port", str(port), "--json-out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_ADDRESS": ""},
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "demo",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--epochs",
+            "2",
+            "--trials",
+            "1",
+            "--port",
+            str(port),
+            "--json-out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for text in ("Endpoint:  http://127.0.0.1", "MLflow UI: mlflow ui", "Overlays:", "Promotion: no champion yet"):
+    for text in (
+        "Endpoint:  http://127.0.0.1",
+        "MLflow UI: mlflow ui",
+        "Overlays:",
+        "Promotion: no champion yet",
+    ):
         assert text in proc.stdout
     summary = json.loads(out.read_text())
     assert len(summary["answers"]) == 4 and all("classes_present" in a for a in summary["answers"])

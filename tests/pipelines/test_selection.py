@@ -18,20 +18,38 @@ from pipelines.tune import parse_search, tune_search
 
 pytestmark = pytest.mark.slow
 
-UNET = {"model_args": {"width": 0.125, "padding": "same"}, "optimizer": "adamw", "crop": 64, "batch_size": 4,
-        "epochs": 4, "scale_min": 0.75, "scale_max": 1.25, "num_overlays": 1, "cpus_per_worker": 1.0}
+UNET = {
+    "model_args": {"width": 0.125, "padding": "same"},
+    "optimizer": "adamw",
+    "crop": 64,
+    "batch_size": 4,
+    "epochs": 4,
+    "scale_min": 0.75,
+    "scale_max": 1.25,
+    "num_overlays": 1,
+    "cpus_per_worker": 1.0,
+}
 PSP = {**UNET, "model_args": {"backbone": "resnet18"}, "lr": 1e-3}
 
 
 def search_body(data: str, uri: str, storage: str, name: str = "sel") -> dict:
     # A grid makes ASHA's decision deterministic: the good lr finishes first (one trial at a time), then the
     # two near-zero learning rates fall below it at the first rung and are stopped there.
-    return {"data": data, "name": name, "experiment": "selection", "tracking_uri": uri, "storage": storage,
-            "num_samples": 1, "max_concurrent": 1, "grace_period": 1, "reduction_factor": 2,
-            "architectures": {
-                "unet": {"base": UNET, "space": {"lr": {"grid": [3e-3, 1e-7, 1e-7]}}},
-                "pspnet": {"base": PSP, "space": {"weight_decay": {"choice": [1e-4]}}},
-            }}
+    return {
+        "data": data,
+        "name": name,
+        "experiment": "selection",
+        "tracking_uri": uri,
+        "storage": storage,
+        "num_samples": 1,
+        "max_concurrent": 1,
+        "grace_period": 1,
+        "reduction_factor": 2,
+        "architectures": {
+            "unet": {"base": UNET, "space": {"lr": {"grid": [3e-3, 1e-7, 1e-7]}}},
+            "pspnet": {"base": PSP, "space": {"weight_decay": {"choice": [1e-4]}}},
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +75,9 @@ def test_tune_completes_and_asha_stops_weak_trials(searched, store):
     client = MlflowClient(store["uri"])
     parent = client.get_run(searched["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert len(children) == 4
 
 
@@ -66,7 +85,10 @@ def test_rerunning_a_finished_search_restores_it(searched, prepared_voc, store):
     search, archs = parse_search(search_body(prepared_voc, store["uri"], store["storage"]), source="test")
     again = tune_search(search, archs)
     assert again["parent_run_id"] == searched["parent_run_id"]
-    assert again["architectures"]["unet"]["best"]["run_id"] == searched["architectures"]["unet"]["best"]["run_id"]
+    assert (
+        again["architectures"]["unet"]["best"]["run_id"]
+        == searched["architectures"]["unet"]["best"]["run_id"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,27 +126,61 @@ def test_evaluate_whole_slide_tta_and_crf(searched, prepared_voc, store, tmp_pat
         "tta": InferenceSettings(scales=(0.75, 1.0, 1.25), flip=True),
         "crf": InferenceSettings(crf=True),
     }.items():
-        results[label] = evaluate(EvalConfig(model_uri=uri, data=prepared_voc, settings=settings,
-                                             tracking_uri=store["uri"]))
+        results[label] = evaluate(
+            EvalConfig(model_uri=uri, data=prepared_voc, settings=settings, tracking_uri=store["uri"])
+        )
     for label, result in results.items():
         m = result["metrics"]
         assert result["images"] == 12, label
         assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["pixel_acc"] <= 1.0, label
         assert set(m["per_class_iou"]) >= {"background", "aeroplane"}
-        print(f"{label}: mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f} ({result['images_per_s']:.1f} img/s)")
+        print(
+            f"{label}: mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f} ({result['images_per_s']:.1f} img/s)"
+        )
     # The training run's own val mIoU was computed the same way (whole image): same number.
     best = searched["architectures"]["unet"]["best"]
     assert results["whole"]["metrics"]["miou"] == pytest.approx(best["val_miou"], abs=1e-6)
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--model-uri", uri, "--data", prepared_voc, "--tta", "1,1.25", "--flip",
-                 "--tracking-uri", store["uri"], "--json-out", str(out)]) == 0
-    assert set(json.loads(out.read_text())["metrics"]) == {"miou", "pixel_acc", "mean_acc", "fwiou", "per_class_iou"}
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model-uri",
+                uri,
+                "--data",
+                prepared_voc,
+                "--tta",
+                "1,1.25",
+                "--flip",
+                "--tracking-uri",
+                store["uri"],
+                "--json-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert set(json.loads(out.read_text())["metrics"]) == {
+        "miou",
+        "pixel_acc",
+        "mean_acc",
+        "fwiou",
+        "per_class_iou",
+    }
 
 
 def test_ensemble_scores_at_least_its_best_member_and_is_registered(searched, prepared_voc, store):
     candidates = tuple(a["best"]["model_uri"] for a in searched["architectures"].values())
-    result = build_ensemble(EnsembleConfig(candidates=candidates, data=prepared_voc, register_as="sel-model",
-                                           tracking_uri=store["uri"], experiment="selection", crf=True))
+    result = build_ensemble(
+        EnsembleConfig(
+            candidates=candidates,
+            data=prepared_voc,
+            register_as="sel-model",
+            tracking_uri=store["uri"],
+            experiment="selection",
+            crf=True,
+        )
+    )
     best_member = max(result["candidates"].values())
     assert result["metrics"]["miou"] >= best_member - 1e-9
     assert result["model_uri"] == "models:/sel-model/1"
@@ -159,20 +215,40 @@ def test_promote_moves_champion_only_on_improvement(searched, prepared_voc, stor
     data = open_prepared(prepared_voc)
     torch.manual_seed(0)
     net = build_model("unet", 21, width=0.125, padding="same")
-    spec = ModelSpec(name="untrained", classes=list(data.classes), palette=[list(p) for p in data.palette],
-                     members=[MemberSpec(arch="unet", num_classes=21, weights="member0.safetensors",
-                                         model_args={"width": 0.125, "padding": "same"})],
-                     ensemble_weights=[1.0], mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    spec = ModelSpec(
+        name="untrained",
+        classes=list(data.classes),
+        palette=[list(p) for p in data.palette],
+        members=[
+            MemberSpec(
+                arch="unet",
+                num_classes=21,
+                weights="member0.safetensors",
+                model_args={"width": 0.125, "padding": "same"},
+            )
+        ],
+        ensemble_weights=[1.0],
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+    )
     folder = save_model_dir(tmp_path / "untrained", spec, [net.state_dict()])
-    build_ensemble(EnsembleConfig(candidates=(str(folder),), data=prepared_voc, register_as="sel-model",
-                                  tracking_uri=store["uri"], experiment="selection"))
+    build_ensemble(
+        EnsembleConfig(
+            candidates=(str(folder),),
+            data=prepared_voc,
+            register_as="sel-model",
+            tracking_uri=store["uri"],
+            experiment="selection",
+        )
+    )
     second = promote(PromoteConfig(name="sel-model", data=prepared_voc, tracking_uri=store["uri"]))
     assert not second["promoted"], second
     assert second["challenger"]["miou"] < second["champion"]["miou"]
     assert tracking.alias_version(client, "sel-model", "champion") == "1"
     assert client.get_model_version("sel-model", "2").tags["promotion"] == "rejected"
     assert float(client.get_model_version("sel-model", "1").tags["eval_val_miou"]) == pytest.approx(
-        second["champion"]["miou"], abs=1e-6)  # the tag keeps six decimals
+        second["champion"]["miou"], abs=1e-6
+    )  # the tag keeps six decimals
 
 
 @pytest.mark.parametrize(
@@ -187,7 +263,16 @@ def test_promote_moves_champion_only_on_improvement(searched, prepared_voc, stor
     ],
 )
 def test_bad_model_uri_or_alias_is_a_clear_error(uri, message, prepared_voc, store, tmp_path, capsys):
-    code = main(["evaluate", "--model-uri", uri.replace("{tmp}", str(tmp_path)), "--data", prepared_voc,
-                 "--tracking-uri", store["uri"]])
+    code = main(
+        [
+            "evaluate",
+            "--model-uri",
+            uri.replace("{tmp}", str(tmp_path)),
+            "--data",
+            prepared_voc,
+            "--tracking-uri",
+            store["uri"],
+        ]
+    )
     assert code == 2
     assert message in capsys.readouterr().err

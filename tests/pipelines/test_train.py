@@ -19,8 +19,15 @@ from pipelines.cli import main
 from pipelines.train import train
 
 pytestmark = pytest.mark.slow
-EPOCH_METRICS = ("train_loss", "val_miou", "val_pixel_acc", "val_mean_acc", "val_fwiou", "images_per_s",
-                 "epoch_time_s")
+EPOCH_METRICS = (
+    "train_loss",
+    "val_miou",
+    "val_pixel_acc",
+    "val_mean_acc",
+    "val_fwiou",
+    "images_per_s",
+    "epoch_time_s",
+)
 
 
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -37,17 +44,25 @@ def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp
     assert any(k.startswith("val_iou_") for k in run.data.metrics)
     assert run.data.params["cfg.model"] == "unet"
     assert len(run.data.params["dataset_fingerprint"]) >= 16
-    losses = [m.value for m in sorted(client.get_metric_history(result.run_id, "train_loss"), key=lambda m: m.step)]
-    mious = [m.value for m in sorted(client.get_metric_history(result.run_id, "val_miou"), key=lambda m: m.step)]
-    print(f"\nlearning curve: loss {[round(v, 3) for v in losses]}\n                val mIoU {[round(v, 3) for v in mious]}")
+    losses = [
+        m.value for m in sorted(client.get_metric_history(result.run_id, "train_loss"), key=lambda m: m.step)
+    ]
+    mious = [
+        m.value for m in sorted(client.get_metric_history(result.run_id, "val_miou"), key=lambda m: m.step)
+    ]
+    print(
+        f"\nlearning curve: loss {[round(v, 3) for v in losses]}\n                val mIoU {[round(v, 3) for v in mious]}"
+    )
     assert losses[-1] < losses[0]
     # 21 VOC classes: predicting only background scores 0.056 on this split; chance is lower still.
     assert result.metrics["val_miou"] > 0.10
 
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"model", "overlays", "confusion_matrix.png"} <= names
-    assert {a.path for a in client.list_artifacts(result.run_id, "model")} == {"model/model.json",
-                                                                              "model/member0.safetensors"}
+    assert {a.path for a in client.list_artifacts(result.run_id, "model")} == {
+        "model/model.json",
+        "model/member0.safetensors",
+    }
     assert len(client.list_artifacts(result.run_id, "overlays")) == 2
 
     from pipelines.tracking import download_model
@@ -117,8 +132,23 @@ def test_killed_worker_restarts_from_checkpoint(tiny_config, mlflow_uri, tmp_pat
     ],
 )
 def test_bad_input_fails_before_any_worker(args, message, prepared_voc, mlflow_uri, tmp_path, capsys):
-    argv = ["train", "--model", "deeplab_largefov", "--data", prepared_voc, "--tracking-uri", mlflow_uri,
-            "--storage", str(tmp_path / "ray"), "--model-arg", "width=0.125", "--crop", "64", "--epochs", "1"]
+    argv = [
+        "train",
+        "--model",
+        "deeplab_largefov",
+        "--data",
+        prepared_voc,
+        "--tracking-uri",
+        mlflow_uri,
+        "--storage",
+        str(tmp_path / "ray"),
+        "--model-arg",
+        "width=0.125",
+        "--crop",
+        "64",
+        "--epochs",
+        "1",
+    ]
     code = main(argv + [a.replace("{tmp}", str(tmp_path)) for a in args])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -135,10 +165,22 @@ def _free_port() -> int:
 def test_against_a_real_mlflow_server(tiny_config, tmp_path):
     port = _free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -165,8 +207,19 @@ def test_against_a_real_mlflow_server(tiny_config, tmp_path):
 
 def test_unreachable_tracking_server_is_a_clear_error(prepared_voc, tmp_path, capsys):
     port = _free_port()
-    code = main(["train", "--model", "deeplab_largefov", "--data", prepared_voc, "--tracking-uri",
-                 f"http://127.0.0.1:{port}", "--storage", str(tmp_path / "ray")])
+    code = main(
+        [
+            "train",
+            "--model",
+            "deeplab_largefov",
+            "--data",
+            prepared_voc,
+            "--tracking-uri",
+            f"http://127.0.0.1:{port}",
+            "--storage",
+            str(tmp_path / "ray"),
+        ]
+    )
     assert code == 2
     assert "does not answer" in capsys.readouterr().err
 
@@ -194,8 +247,13 @@ def test_two_workers_on_two_nodes(tiny_config, tmp_path, mlflow_uri):
     """A 2-node ray.cluster_utils.Cluster (in its own process) with 3 CPUs per node and 2 CPUs per worker:
     two workers cannot share a node, so DDP (gloo) runs across both; the spare CPU feeds Ray Data."""
     cfg = tiny_config(epochs=2, run_name="multinode", num_workers=2, batch_size=2, cpus_per_worker=2.0)
-    proc = subprocess.run([sys.executable, "-c", MULTINODE, json.dumps(cfg.to_dict())], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+    proc = subprocess.run(
+        [sys.executable, "-c", MULTINODE, json.dumps(cfg.to_dict())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads(line.removeprefix("RESULT "))
