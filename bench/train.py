@@ -138,7 +138,7 @@ def main() -> None:
     ray.shutdown()
 
     torch.set_num_threads(1)  # as the Ray Train worker (cpus_per_worker=1)
-    files = open_prepared(cfg.data).manifest.split_files("train")
+    files = open_prepared(cfg.data).split_files("train")
     rows = ParquetRows(files, params)
     loader = torch.utils.data.DataLoader(
         rows, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=1, persistent_workers=True
