@@ -198,11 +198,12 @@ def summarise(
     print("\nBest trial per architecture (val mIoU):")
     print(
         format_table(
-            ["candidate", "val mIoU"], [[u, ensemble["candidates"].get(u, 0.0)] for u in tune.values()]
+            ["architecture", "best trial's model", "val mIoU"],
+            [[arch, uri, ensemble["candidates"].get(uri, 0.0)] for arch, uri in tune.items()],
         )
     )
     m = ensemble["metrics"]
-    print("\nEnsemble (registered as challenger, then promoted):")
+    print("\nEnsemble (registered as challenger):")
     print(
         format_table(
             ["members", "mIoU", "pixel acc", "mean acc", "fwIoU", "CRF"],
