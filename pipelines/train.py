@@ -232,6 +232,10 @@ def log_final_model(client, run_id: str, checkpoint, data, cfg: TrainConfig) -> 
     client.log_figure(
         run_id, confusion_figure(np.asarray(state["confusion"]), state["classes"]), "confusion_matrix.png"
     )
+    # The logged model is the best epoch, not necessarily the last: record its own scores beside the curves.
+    for key, value in state["metrics"].items():
+        if key == "epoch" or (key.startswith("val_") and not key.startswith("val_iou_")):
+            client.log_metric(run_id, f"model_{key}", float(value))
     return state["metrics"]
 
 

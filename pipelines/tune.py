@@ -248,7 +248,10 @@ def _summarise(client, search: SearchConfig, tune_name: str, parent_id: str, gri
             "run_id": run.info.run_id,
             "status": status,
             "iterations": int(result.metrics.get("training_iteration", 0)) if result else 0,
-            search.metric: run.data.metrics.get(search.metric),
+            # The score of the model the trial logged (its best epoch); the last epoch's for older runs.
+            search.metric: run.data.metrics.get(
+                f"model_{search.metric}", run.data.metrics.get(search.metric)
+            ),
             "params": {
                 k.removeprefix("cfg."): v
                 for k, v in run.data.params.items()

@@ -56,6 +56,9 @@ def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp
     assert losses[-1] < losses[0]
     # 21 VOC classes: predicting only background scores 0.056 on this split; chance is lower still.
     assert result.metrics["val_miou"] > 0.10
+    # The logged model is the best epoch's checkpoint, and the run says which one and what it scored.
+    assert run.data.metrics["model_val_miou"] == pytest.approx(max(mious)) == result.metrics["val_miou"]
+    assert mious[int(run.data.metrics["model_epoch"])] == pytest.approx(max(mious))
 
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"model", "overlays", "confusion_matrix.png"} <= names
