@@ -176,12 +176,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=int, help="training crop size in pixels")
     p.add_argument("--lr", type=float, help="base learning rate")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (one per GPU with --use-gpu)")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="CPUs each worker holds (default 1; workers x this + 1 for Ray Data must fit the cluster)",
+    )
     p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, NCCL")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--experiment", help="MLflow experiment name (default: segpipe)")
     p.add_argument("--run-name", help="MLflow and Ray run name; reuse it with the same --storage to resume")
-    p.add_argument("--storage", help="checkpoint storage folder or s3:// prefix (default: ./ray_results)")
+    p.add_argument(
+        "--storage",
+        help="checkpoint storage folder or s3:// prefix (default: $SEGPIPE_STORAGE, "
+        "$RAY_STORAGE, ~/ray_results inside a Ray job, else ./ray_results); shared storage on several nodes",
+    )
     p.add_argument("--json-out", help="write {run_id, model_uri, checkpoint, metrics} to this file")
     p.set_defaults(run=_run_train)
 
@@ -200,6 +209,7 @@ def _run_train(args: argparse.Namespace) -> None:
         crop=args.crop,
         lr=args.lr,
         num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
         use_gpu=args.use_gpu,
         amp=args.amp,
         tracking_uri=args.tracking_uri,
@@ -225,6 +235,11 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="search YAML (data, architectures: {arch: {base, space}})")
     p.add_argument("--num-samples", type=int, help="trials per architecture (overrides the file)")
     p.add_argument("--max-concurrent", type=int, help="trials running at once (overrides the file)")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="CPUs per Ray Train worker of every trial (overrides the file); leave >= 1 CPU for Ray Data",
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--json-out", help="write the best trial and model URI per architecture here")
     p.set_defaults(run=_run_tune)
@@ -238,6 +253,7 @@ def _run_tune(args: argparse.Namespace) -> None:
         args.config,
         num_samples=args.num_samples,
         max_concurrent=args.max_concurrent,
+        cpus_per_worker=args.cpus_per_worker,
         tracking_uri=args.tracking_uri,
     )
     summary = tune_search(search, archs)

@@ -45,7 +45,7 @@ class RetrainConfig:
     register_as: str
     experiment: str = "segpipe"
     tracking_uri: str = ""
-    storage: str = ""  # Ray Train/Tune checkpoints; default ./ray_results
+    storage: str = ""  # Ray Train/Tune checkpoints and step state; default: preflight.default_storage()
     state: str = ""  # step state; default <storage>/retrain-<name>
     margin: float = 0.0
     crf: bool = False
@@ -149,12 +149,13 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     """Run (or resume) the cycle for the current source data; returns every step's output and the decision."""
     from pipelines.ensemble import EnsembleConfig, build_ensemble
     from pipelines.promote import PromoteConfig, promote
+    from pipelines.preflight import default_storage
     from pipelines.train import check_storage
 
     fingerprint = source_fingerprint(make_config(SourceConfig, dict(cfg.source)).root)
     config_hash = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()
     cycle = hashlib.sha256(f"{fingerprint}{config_hash}".encode()).hexdigest()[:16]
-    storage_uri = check_storage(cfg.storage or "ray_results")
+    storage_uri = check_storage(cfg.storage or default_storage())
     cfg = dataclasses.replace(
         cfg, storage=storage_uri, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking_uri)
     )

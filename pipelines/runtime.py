@@ -24,8 +24,3 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     ray.init(**kwargs)
     return True
 
-
-def cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))

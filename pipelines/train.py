@@ -89,6 +89,7 @@ def check_storage(storage: str) -> str:
 def resolve(cfg: TrainConfig):
     """Everything `train` needs, validated: (cfg with resolved names/paths, PreparedDataset, tracking URI)."""
     from pipelines.dataset import open_prepared
+    from pipelines.preflight import default_storage
 
     if not cfg.data:
         raise UserError("no dataset: pass --data DST (a folder or s3:// prefix written by `segpipe prepare`)")
@@ -109,23 +110,13 @@ def resolve(cfg: TrainConfig):
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     tracking.check_server(uri)
     run_name = cfg.run_name or f"{cfg.model}-{data.manifest.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = check_storage(cfg.storage or str(Path.cwd() / "ray_results"))
+    storage = check_storage(cfg.storage or default_storage())
     model_args = {k: v for k, v in cfg.model_args.items() if k != "num_classes"}
     return (
         replace(cfg, run_name=run_name, storage=storage, tracking_uri=uri, model_args=model_args),
         data,
         uri,
     )
-
-
-def _check_gpus(cfg: TrainConfig) -> None:
-    from pipelines.runtime import cluster_gpus
-
-    if cfg.use_gpu and cluster_gpus() < cfg.num_workers:
-        raise UserError(
-            f"--use-gpu asks for {cfg.num_workers} GPU worker(s) but the Ray cluster has "
-            f"{cluster_gpus():g} GPU(s); drop --use-gpu or add GPU nodes"
-        )
 
 
 def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = None):
@@ -266,11 +257,13 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     `callbacks`: extra Ray Train callbacks (Tune's TuneReportCallback when run as a trial).
     """
+    from pipelines.preflight import check_shared_storage, check_training_resources
     from pipelines.runtime import ensure_ray
 
     cfg, data, uri = resolve(cfg)
     ensure_ray()
-    _check_gpus(cfg)
+    check_training_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+    check_shared_storage(cfg.storage)
     from pipelines import storage
 
     client = tracking.connect(uri)

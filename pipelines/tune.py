@@ -56,12 +56,16 @@ class SearchConfig:
     # Tune refuses an empty request, hence the memory it does use.
     trial_cpus: float = 0.0
     trial_memory_mb: int = 256
+    # CPUs per Ray Train worker of every trial, over each architecture's base (0: keep the base's / 1.0).
+    cpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("asha", "none"):
             raise UserError(f"scheduler={self.scheduler!r}: choose asha or none")
         if self.num_samples < 1 or self.max_concurrent < 1:
             raise UserError("num_samples and max_concurrent must be >= 1")
+        if self.cpus_per_worker < 0:
+            raise UserError(f"cpus_per_worker={self.cpus_per_worker}: need > 0 (or 0 to keep each base's)")
         if self.trial_cpus < 0 or self.trial_memory_mb < 1:
             raise UserError(
                 f"trial_cpus={self.trial_cpus}, trial_memory_mb={self.trial_memory_mb}: need "
@@ -159,6 +163,7 @@ def trial_config(
 ) -> TrainConfig:
     values = {
         **a.base,
+        **({"cpus_per_worker": search.cpus_per_worker} if search.cpus_per_worker else {}),
         **sample,
         "model": a.arch,
         "data": search.data,
@@ -239,7 +244,12 @@ def _summarise(client, search: SearchConfig, tune_name: str, parent_id: str, gri
         trial_id = name.removeprefix(f"{tune_name}-")
         result = tune_view.get(trial_id)
         status = run.info.status
-        if status == "RUNNING":  # stopped by ASHA (or interrupted): its driver is gone
+        # Tune's view decides: a trial that did not finish and ended without an error of its own was stopped
+        # by the scheduler (ASHA), whatever its dying Ray Train worker made `train` record (FAILED) on the way.
+        stopped = status == "RUNNING" or (
+            status != "FINISHED" and result is not None and result.error is None
+        )
+        if stopped:
             client.set_tag(run.info.run_id, "segpipe.early_stopped", "true")
             client.set_terminated(run.info.run_id, status="KILLED")
             status = "KILLED"
@@ -274,17 +284,29 @@ def tune_search(
 
     `parent_run_id`: nest the search's own MLflow run under this one (set by `segpipe retrain`).
     """
+    from pipelines.preflight import check_shared_storage, check_training_resources, default_storage
     from pipelines.runtime import ensure_ray
     from pipelines.train import check_storage, resolve
 
     if not search.data:
         raise UserError("the search file needs `data:` (a prepared dataset folder or s3:// prefix)")
-    storage = check_storage(search.storage or str(Path.cwd() / "ray_results"))
-    for a in archs:  # every architecture's config, sampled at a corner, must resolve before any trial runs
-        resolve(trial_config(search, a, _first_sample(a.space), "validate", "", storage))
+    storage = check_storage(search.storage or default_storage())
+    # Every architecture's config, sampled at a corner, must resolve before any trial runs.
+    corners = [
+        resolve(trial_config(search, a, _first_sample(a.space), "validate", "", storage))[0] for a in archs
+    ]
     uri = tracking.resolve_tracking_uri(search.tracking_uri)
     search = dataclasses.replace(search, tracking_uri=uri)
     ensure_ray()
+    for cfg in corners:  # one trial at a time must fit, or every trial would wait forever
+        check_training_resources(
+            cfg.num_workers,
+            cfg.cpus_per_worker,
+            cfg.use_gpu,
+            what=f"each {cfg.model} trial",
+            extra_cpus=search.trial_cpus,
+        )
+    check_shared_storage(storage)
     client = tracking.connect(uri)
     # Tune state already in this storage means this search ran before: continue its MLflow run too, even
     # if that finished, so restored trials stay nested under the same parent.

@@ -144,14 +144,23 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
-    """`ray start --head` on 127.0.0.1 (token auth), `ray job submit --working-dir`, wait, check the champion."""
+    """`ray start --head` on 127.0.0.1 (token auth), `ray job submit --working-dir`, wait, check the champion.
+
+    The retrain file names no storage: inside a job the checkpoints must default to the user's ~/ray_results
+    (HOME is a folder of this test), not to the job's temporary working_dir package.
+    """
     bin_dir = Path(sys.executable).parent
+    home = tmp_path / "home"
+    home.mkdir()
     env = {
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "RAY_AUTH_MODE": "token",
         "RAY_ADDRESS": "",
+        "HOME": str(home),
     }
+    for var in ("SEGPIPE_STORAGE", "RAY_STORAGE"):
+        env.pop(var, None)
     gcs, dashboard, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
     temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
     head = subprocess.Popen(
@@ -189,7 +198,7 @@ def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
         ):
             assert time.monotonic() < deadline and head.poll() is None, "Ray head did not come up"
             time.sleep(1)
-        config = retrain_file(tmp_path, voc_source)
+        config = retrain_file(tmp_path, voc_source, storage="")
         out = tmp_path / "job.json"
         runtime_env = {
             "working_dir": str(REPO),
@@ -225,6 +234,9 @@ def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
         assert result["promoted"]
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert tracking.alias_version(client, "retrained", "champion") == result["champion_version"]
+        durable = home / "ray_results"
+        assert (durable / "retrain-t").is_dir(), sorted(p.name for p in home.rglob("*"))[:20]
+        assert any(durable.rglob("checkpoint_epoch_*")), "no checkpoint under ~/ray_results"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
