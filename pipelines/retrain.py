@@ -148,8 +148,8 @@ def _tune_step(cfg: RetrainConfig, cycle: str, parent_id: str) -> dict[str, Any]
 def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     """Run (or resume) the cycle for the current source data; returns every step's output and the decision."""
     from pipelines.ensemble import EnsembleConfig, build_ensemble
-    from pipelines.promote import PromoteConfig, promote
     from pipelines.preflight import default_storage
+    from pipelines.promote import PromoteConfig, promote
     from pipelines.train import check_storage
 
     fingerprint = source_fingerprint(make_config(SourceConfig, dict(cfg.source)).root)
