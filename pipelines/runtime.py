@@ -23,4 +23,3 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus)
     ray.init(**kwargs)
     return True
-
