@@ -1,6 +1,6 @@
 """Training-time augmentation, run inside Ray Data `map_batches` so every epoch draws new samples.
 
-Random scale 0.5-2.0, rotation, crop with 255 padding, flip, blur, U-Net's elastic deformation and
+Random scale 0.5-2.0, rotation, crop, blur, U-Net's elastic deformation, 255 padding, flip and
 photometric jitter (the PSPNet / DeepLab / U-Net recipes). The geometry is sampled first and only the
 crop window is resampled from the source image. Images stay uint8 HWC until the worker normalises them
 on its device, which keeps the object store traffic small.
@@ -132,31 +132,17 @@ def window_to_source(window: CropWindow, height: int, width: int) -> tuple[float
 def warp_window(
     image: np.ndarray, mask: np.ndarray, window: CropWindow, crop: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """HxWx3 uint8 image, HxW mask -> crop x crop pair resampled straight from the source (one warp each).
+    """HxWx3 uint8 image, HxW mask -> the window's part inside the frame (h x w <= crop x crop), one warp each.
 
-    Image bilinear, mask nearest; pixels the rotation brings in from outside the image and the bottom/right
-    padding get the mean colour and the ignore label. The resize is not anti-aliased below scale 1, like the
+    Straight from the source: image bilinear, mask nearest; pixels the rotation brings in from outside the
+    image get the mean colour and the ignore label. The resize is not anti-aliased below scale 1, like the
     OpenCV bilinear resize of the DeepLab and PSPNet recipes.
     """
-    h, w = mask.shape
-    # The part of the window inside the resized, rotated frame; the rest is padding.
-    out_w = min(crop, window.size[0] - window.x)
-    out_h = min(crop, window.size[1] - window.y)
-    coeffs = window_to_source(window, h, w)
-    warped = Image.fromarray(image).transform(
-        (out_w, out_h), Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=MEAN_RGB
-    )
-    warped_mask = Image.fromarray(mask).transform(
-        (out_w, out_h), Image.AFFINE, coeffs, Image.NEAREST, fillcolor=IGNORE
-    )
-    img = np.empty((crop, crop, 3), dtype=np.uint8)
-    img[...] = MEAN_RGB
-    img[:out_h, :out_w] = np.asarray(warped)
-    msk = np.full((crop, crop), IGNORE, dtype=np.uint8)
-    msk[:out_h, :out_w] = np.asarray(warped_mask)
-    if window.flip:
-        img, msk = img[:, ::-1], msk[:, ::-1]
-    return img, msk
+    size = (min(crop, window.size[0] - window.x), min(crop, window.size[1] - window.y))
+    coeffs = window_to_source(window, *mask.shape)
+    img = Image.fromarray(image).transform(size, Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=MEAN_RGB)
+    msk = Image.fromarray(mask).transform(size, Image.AFFINE, coeffs, Image.NEAREST, fillcolor=IGNORE)
+    return np.asarray(img), np.asarray(msk)
 
 
 def augment_sample(
@@ -165,18 +151,27 @@ def augment_sample(
     """One HxWx3 uint8 image and HxW mask -> crop x crop pair.
 
     Crop first: scale, rotation, flip and the crop window are sampled, then only the window is resampled,
-    so the cost follows the crop size and not the (up to 2x up-scaled) image; blur, elastic deformation
-    and photometric jitter then run on the crop.
+    so the cost follows the crop size and not the (up to 2x up-scaled) image. Blur (radius in crop pixels)
+    and elastic deformation run on the window's part inside the frame, before the padding as they did on
+    the whole image; flip and photometric jitter on the padded crop.
     """
     window = sample_window(mask.shape[0], mask.shape[1], p, rng)
     img, msk = warp_window(image, mask, window, p.crop)
     if p.blur and rng.random() < p.blur:
-        blurred = Image.fromarray(np.ascontiguousarray(img)).filter(
-            ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0))
-        )
+        blurred = Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
         img = np.asarray(blurred)
     if p.elastic:
-        img, msk = elastic_deform(np.ascontiguousarray(img), np.ascontiguousarray(msk), rng)
+        img, msk = elastic_deform(img, msk, rng)
+    h, w = msk.shape
+    if (h, w) != (p.crop, p.crop):  # pad bottom/right: mean colour, so padding normalises to ~0; ignore
+        padded_img = np.empty((p.crop, p.crop, 3), dtype=np.uint8)
+        padded_img[...] = MEAN_RGB
+        padded_img[:h, :w] = img
+        padded_msk = np.full((p.crop, p.crop), IGNORE, dtype=np.uint8)
+        padded_msk[:h, :w] = msk
+        img, msk = padded_img, padded_msk
+    if window.flip:
+        img, msk = img[:, ::-1], msk[:, ::-1]
     if p.jitter:
         img = photometric_jitter(img, p.jitter, rng)
     return np.ascontiguousarray(img), np.ascontiguousarray(msk)
