@@ -132,13 +132,14 @@ def window_to_source(window: CropWindow, height: int, width: int) -> tuple[float
 def warp_window(
     image: np.ndarray, mask: np.ndarray, window: CropWindow, crop: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """HxWx3 uint8 image, HxW mask -> the window's part inside the frame (h x w <= crop x crop), flipped.
+    """HxWx3 uint8 image, HxW mask -> the part of the window inside the frame (h x w <= crop x crop).
 
     Resampled straight from the source, image bilinear and mask nearest. Without rotation this is PIL's
     separable resize of the window's source box: the sample positions and filter of resizing the whole
     image (anti-aliased below scale 1), so the crop matches the whole-image path to a grey level. With
     rotation it is one affine warp, whose bilinear is not anti-aliased (like the OpenCV warps of the PSPNet
-    recipe); pixels it brings in from outside the image get the mean colour and the ignore label.
+    recipe); pixels it brings in from outside the image get the mean colour and the ignore label. Flipped
+    left-right when `window.flip`.
     """
     height, width = mask.shape
     size = (min(crop, window.size[0] - window.x), min(crop, window.size[1] - window.y))
