@@ -162,7 +162,7 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 # Deep stems (three 3x3 convs + BN + ReLU instead of the 7x7 conv): output widths of the three convs.
 # "v1c": MMSegmentation's ResNetV1c (its R50/R101-D8 models); "deepbase": hszhao/semseg's PSPNet ResNet.
 DEEP_STEMS = {"v1c": (32, 32, 64), "deepbase": (64, 64, 128)}
-BACKBONES = RESNETS + tuple(f"{r}_{stem}" for r in ("resnet50", "resnet101") for stem in DEEP_STEMS)
+BACKBONES = RESNETS + tuple(f"{r}_v1c" for r in RESNETS) + ("resnet50_deepbase", "resnet101_deepbase")
 
 
 def deep_stem(widths: tuple[int, int, int]) -> nn.Sequential:
@@ -185,8 +185,9 @@ class DilatedResNet(nn.Module):
     which works for BasicBlock (resnet18/34) and Bottleneck alike. forward: N,3,H,W -> (layer3, layer4)
     features, each N,C,H/8,W/8. PSPNet section 3.3 / DeepLab v2.
 
-    `resnet50_v1c` / `resnet101_v1c`: MMSegmentation's ResNetV1c-D8, a deep `stem` (32, 32, 64) in place
-    of conv1/bn1 and the first block of layer3/layer4 dilated by half (1 / 2, its `contract_dilation`).
+    `resnetXX_v1c`: MMSegmentation's ResNetV1c-D8, a deep `stem` (32, 32, 64) in place of conv1/bn1, the
+    first block of layer3/layer4 dilated by half (1 / 2, its `contract_dilation`) and, as its BasicBlock
+    does, only the first 3x3 conv of a block dilated.
     `resnet50_deepbase` / `resnet101_deepbase`: hszhao/semseg's trunk, stem (64, 64, 128), every block of
     layer3/4 dilated 2/4.
     """
@@ -199,10 +200,10 @@ class DilatedResNet(nn.Module):
         resnet = getattr(torchvision.models, base)(weights=None)
         if stem:
             self.stem = deep_stem(DEEP_STEMS[stem])
-            first = resnet.layer1[0]  # Bottleneck: its 1x1 conv1 and downsample read the stem's output
-            width = DEEP_STEMS[stem][-1]
-            first.conv1 = nn.Conv2d(width, first.conv1.out_channels, 1, bias=False)
-            first.downsample[0] = nn.Conv2d(width, first.downsample[0].out_channels, 1, bias=False)
+            first, width = resnet.layer1[0], DEEP_STEMS[stem][-1]
+            if width != first.conv1.in_channels:  # deepbase (Bottleneck only): 1x1 conv1 and downsample
+                first.conv1 = nn.Conv2d(width, first.conv1.out_channels, 1, bias=False)
+                first.downsample[0] = nn.Conv2d(width, first.downsample[0].out_channels, 1, bias=False)
             keys = ("relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
         else:
             self.stem = None
@@ -212,11 +213,12 @@ class DilatedResNet(nn.Module):
         for layer, dilation in ((self.layer3, 2), (self.layer4, 4)):
             for index, block in enumerate(layer):
                 rate = dilation // 2 if stem == "v1c" and index == 0 else dilation
-                for conv in block.modules():
-                    if isinstance(conv, nn.Conv2d) and conv.stride == (2, 2):
+                convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+                for conv in convs:
+                    if conv.stride == (2, 2):
                         conv.stride = (1, 1)
-                    if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
-                        conv.dilation, conv.padding = (rate, rate), (rate, rate)
+                for conv in [c for c in convs if c.kernel_size == (3, 3)][: 1 if stem == "v1c" else None]:
+                    conv.dilation, conv.padding = (rate, rate), (rate, rate)
         self.out_channels = resnet.fc.in_features
         self.layer3_channels = self.out_channels // 2
 

@@ -91,6 +91,6 @@ def pspnet(
     *, num_classes: int, backbone: str = "resnet50", aux: bool = True, align_corners: bool = False
 ) -> PSPNet:
     """PSPNet (arXiv:1612.01105) on a dilated ResNet: resnet50 (paper), resnet101, resnet18/34 (tiny runs),
-    or the deep-stem trunks of the released models: resnet50_v1c / resnet101_v1c (MMSegmentation),
+    or the deep-stem trunks of the released models: resnet18/34/50/101_v1c (MMSegmentation),
     resnet50_deepbase / resnet101_deepbase (hszhao/semseg)."""
     return PSPNet(num_classes, backbone=backbone, aux=aux, align_corners=align_corners)

@@ -1,0 +1,185 @@
+"""The released models' tensor names -> segpipe state-dict keys, model options and input conventions.
+
+Each `map_*` takes the file's tensors (name -> tensor; Caffe blobs flattened to `layer.weight` /
+`layer.bias`) and returns a `Converted`: the segpipe keys it fills, the file keys it used, the model
+options the file implies and how the release expects its input. Checking that every key is accounted
+for and every shape fits is the stage's job (`pipelines.import_weights`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipelines.errors import UserError
+from segmodels._blocks import VGG16_CFG
+from segmodels.artifact import InputConvention
+
+# The Caffe VGG/FCN releases (and wkentaro/pytorch-fcn, which copies them): BGR, 0-255, minus the mean.
+CAFFE_BGR = InputConvention(
+    channel_order="bgr", scale=255, mean=(104.00698793, 116.66876762, 122.67891434), std=(1.0, 1.0, 1.0)
+)
+# hszhao/semseg and MMSegmentation: RGB, 0-255, ImageNet mean/std in 0-255 units.
+IMAGENET_255 = InputConvention(
+    channel_order="rgb", scale=255, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)
+)
+FCN_HEADS = (
+    "score_fr",
+    "score_pool4",
+    "score_pool3",
+    "upscore",
+    "upscore2",
+    "upscore_pool4",
+    "upscore8",
+    "upscore16",
+)
+AT_ONCE_SCALES = {"scale_pool4": 0.01, "scale_pool3": 1e-4}  # Scale layers of FCN-8s-at-once (lr 0)
+
+
+@dataclass
+class Converted:
+    """Tensors mapped onto segpipe keys, the file keys used, and what the file says about the model."""
+
+    arch: str
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
+    model_args: dict[str, Any] = field(default_factory=dict)
+    convention: InputConvention = field(default_factory=InputConvention)
+
+    def take(self, source: dict[str, torch.Tensor], src: str, dst: str) -> None:
+        if src in source:
+            self.state[dst] = source[src]
+            self.used.add(src)
+
+
+def vgg_conv_names() -> list[tuple[str, int]]:
+    """(release name conv1_1 .. conv5_3, index in segpipe's torchvision-layout `features`), no batch norm."""
+    names, index, stage, conv = [], 0, 1, 1
+    for item in VGG16_CFG:
+        if item == "M":
+            index, stage, conv = index + 1, stage + 1, 1
+            continue
+        names.append((f"conv{stage}_{conv}", index))
+        index, conv = index + 2, conv + 1  # conv + ReLU
+    return names
+
+
+def map_fcn(source: dict[str, torch.Tensor], arch: str) -> Converted:
+    """Caffe FCN-32s/16s/8s(-at-once) or wkentaro/pytorch-fcn: conv1_1..conv5_3, fc6, fc7, score_*, upscore*."""
+    stride = {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8, "fcn8s_atonce": 8}[arch]
+    out = Converted(arch=f"fcn{stride}s", convention=CAFFE_BGR)
+    for name, index in vgg_conv_names():
+        for p in ("weight", "bias"):
+            out.take(source, f"{name}.{p}", f"features.{index}.{p}")
+    for name in ("fc6", "fc7"):
+        for p in ("weight", "bias"):
+            out.take(source, f"{name}.{p}", f"{name}.0.{p}")
+    for key in source:
+        if key.split(".")[0] in FCN_HEADS:
+            out.take(source, key, key)
+    at_once = arch == "fcn8s_atonce"
+    for layer, value in AT_ONCE_SCALES.items():
+        key = f"{layer}.weight"
+        if key in source:
+            if not torch.allclose(source[key], torch.full_like(source[key], value), rtol=1e-3, atol=0):
+                raise UserError(f"{layer} should scale by {value} (FCN-8s-at-once) but holds other values")
+            out.used.add(key)
+            at_once = True
+    first = source.get("conv1_1.weight")
+    width = first.shape[0] / 64 if first is not None else 1.0
+    out.model_args = {"fixed_upsampling": True} if stride != 32 else {}
+    if at_once:
+        out.model_args["at_once"] = True
+    if width != 1.0:
+        out.model_args["width"] = width
+    return out
+
+
+def resnet_depth(source: dict[str, torch.Tensor], prefix: str) -> int:
+    """18/34/50/101 from the number of layer3 blocks and whether they are bottlenecks (have conv3)."""
+    blocks = {int(m.group(1)) for k in source if (m := re.match(rf"{re.escape(prefix)}layer3\.(\d+)\.", k))}
+    bottleneck = any(k.startswith(f"{prefix}layer3.0.conv3.") for k in source)
+    depth = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}.get((len(blocks), bottleneck))
+    if depth is None:
+        raise UserError(f"the file's ResNet has {len(blocks)} layer3 blocks: not ResNet-18/34/50/101")
+    return depth
+
+
+def _rename(out: Converted, source: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> None:
+    """Map every file key matching a rule's regex (first match wins) to the rule's replacement."""
+    for key in source:
+        for pattern, replacement in rules:
+            if re.fullmatch(pattern, key):
+                out.take(source, key, re.sub(pattern, replacement, key))
+                break
+
+
+def map_semseg(source: dict[str, torch.Tensor], arch: str) -> Converted:
+    """hszhao/semseg PSPNet (`module.` prefix): layer0 deep stem, layer1-4, ppm.features, cls, aux."""
+    _require(arch, "pspnet", "semseg")
+    prefix = "module." if any(k.startswith("module.") for k in source) else ""
+    depth = resnet_depth(source, prefix)
+    if depth not in (50, 101):
+        raise UserError(f"hszhao/semseg PSPNet uses ResNet-50/101, the file has ResNet-{depth}")
+    out = Converted(arch="pspnet", convention=IMAGENET_255)
+    p = re.escape(prefix)
+    _rename(
+        out,
+        source,
+        [
+            (rf"{p}layer0\.(\d+)\.(.+)", r"backbone.stem.\1.\2"),
+            (rf"{p}(layer[1-4]\..+)", r"backbone.\1"),
+            (rf"{p}ppm\.features\.(\d+)\.1\.(.+)", r"ppm.branches.\1.0.\2"),
+            (rf"{p}ppm\.features\.(\d+)\.2\.(.+)", r"ppm.branches.\1.1.\2"),
+            (rf"{p}cls\.([01])\.(.+)", r"classifier.0.\1.\2"),
+            (rf"{p}cls\.4\.(.+)", r"classifier.2.\1"),
+            (rf"{p}aux\.([01])\.(.+)", r"aux_classifier.0.\1.\2"),
+            (rf"{p}aux\.4\.(.+)", r"aux_classifier.2.\1"),
+        ],
+    )
+    aux = any(k.startswith(f"{prefix}aux.") for k in source)
+    out.model_args = {"backbone": f"resnet{depth}_deepbase", "align_corners": True, "aux": aux}
+    return out
+
+
+def map_mmseg(source: dict[str, torch.Tensor], arch: str) -> Converted:
+    """MMSegmentation PSPNet R18/R50/R101-D8: backbone.stem/layer*, decode_head.*, auxiliary_head.*."""
+    _require(arch, "pspnet", "mmseg")
+    out = Converted(arch="pspnet", convention=IMAGENET_255)
+    _rename(
+        out,
+        source,
+        [
+            (r"backbone\.(stem\..+|layer[1-4]\..+)", r"backbone.\1"),
+            (r"decode_head\.psp_modules\.(\d+)\.1\.conv\.(.+)", r"ppm.branches.\1.0.\2"),
+            (r"decode_head\.psp_modules\.(\d+)\.1\.bn\.(.+)", r"ppm.branches.\1.1.\2"),
+            (r"decode_head\.bottleneck\.conv\.(.+)", r"classifier.0.0.\1"),
+            (r"decode_head\.bottleneck\.bn\.(.+)", r"classifier.0.1.\1"),
+            (r"decode_head\.conv_seg\.(.+)", r"classifier.2.\1"),
+            (r"auxiliary_head\.convs\.0\.conv\.(.+)", r"aux_classifier.0.0.\1"),
+            (r"auxiliary_head\.convs\.0\.bn\.(.+)", r"aux_classifier.0.1.\1"),
+            (r"auxiliary_head\.conv_seg\.(.+)", r"aux_classifier.2.\1"),
+        ],
+    )
+    aux = any(k.startswith("auxiliary_head.") for k in source)
+    out.model_args = {"backbone": f"resnet{resnet_depth(source, 'backbone.')}_v1c", "aux": aux}
+    return out
+
+
+def _require(arch: str, expected: str, fmt: str) -> None:
+    if arch != expected:
+        raise UserError(f"--format {fmt} holds a {expected} model, not {arch}: pass --arch {expected}")
+
+
+# (format, arch) -> mapper; "caffe" and "torch" (the FCN port) share the FCN names.
+MAPPERS = {
+    **{
+        (fmt, a): map_fcn for fmt in ("caffe", "torch") for a in ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
+    },
+    ("semseg", "pspnet"): map_semseg,
+    ("mmseg", "pspnet"): map_mmseg,
+}
+IMPORT_ARCHS = tuple(sorted({a for _, a in MAPPERS}))
