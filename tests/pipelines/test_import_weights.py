@@ -389,9 +389,9 @@ def test_wrong_file_exits_2_with_the_list_and_writes_nothing(tmp_path) -> None:
 def test_weights_of_another_architecture_are_listed(tmp_path) -> None:
     path = tmp_path / "fcn8s-heavy-pascal.caffemodel"
     write_caffemodel(path, fcn_blobs(8, at_once=False), legacy=False)
-    with pytest.raises(UserError, match="file tensors fcn32s has no place for: .*score_pool3.weight") as err:
+    with pytest.raises(UserError, match="tensors fcn32s lacks: .*score_pool3.weight") as err:
         import_weights(ImportConfig(arch="fcn32s", source=str(path), out=str(tmp_path / "out")))
-    assert "upscore.weight" in str(err.value) and not (tmp_path / "out").exists()
+    assert "does not provide: upscore.weight" in str(err.value) and not (tmp_path / "out").exists()
 
 
 def test_other_mistakes_are_user_errors(tmp_path) -> None:
