@@ -22,6 +22,10 @@ from segmodels.artifact import InputConvention
 CAFFE_BGR = InputConvention(
     channel_order="bgr", scale=255, mean=(104.00698793, 116.66876762, 122.67891434), std=(1.0, 1.0, 1.0)
 )
+# DeepLab v1 releases (their test.prototxt mean_value): BGR, 0-255, minus the mean.
+DEEPLAB_BGR = InputConvention(
+    channel_order="bgr", scale=255, mean=(104.008, 116.669, 122.675), std=(1.0, 1.0, 1.0)
+)
 # hszhao/semseg and MMSegmentation: RGB, 0-255, ImageNet mean/std in 0-255 units.
 IMAGENET_255 = InputConvention(
     channel_order="rgb", scale=255, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)
@@ -71,12 +75,9 @@ def map_fcn(source: dict[str, torch.Tensor], arch: str) -> Converted:
     """Caffe FCN-32s/16s/8s(-at-once) or wkentaro/pytorch-fcn: conv1_1..conv5_3, fc6, fc7, score_*, upscore*."""
     stride = {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8, "fcn8s_atonce": 8}[arch]
     out = Converted(arch=f"fcn{stride}s", convention=CAFFE_BGR)
-    for name, index in vgg_conv_names():
-        for p in ("weight", "bias"):
-            out.take(source, f"{name}.{p}", f"features.{index}.{p}")
-    for name in ("fc6", "fc7"):
-        for p in ("weight", "bias"):
-            out.take(source, f"{name}.{p}", f"{name}.0.{p}")
+    if stride != 32:
+        out.model_args["fixed_upsampling"] = True
+    _vgg_trunk(out, source)
     for key in source:
         if key.split(".")[0] in FCN_HEADS:
             out.take(source, key, key)
@@ -88,13 +89,34 @@ def map_fcn(source: dict[str, torch.Tensor], arch: str) -> Converted:
                 raise UserError(f"{layer} should scale by {value} (FCN-8s-at-once) but holds other values")
             out.used.add(key)
             at_once = True
-    first = source.get("conv1_1.weight")
-    width = first.shape[0] / 64 if first is not None else 1.0
-    out.model_args = {"fixed_upsampling": True} if stride != 32 else {}
     if at_once:
         out.model_args["at_once"] = True
-    if width != 1.0:
-        out.model_args["width"] = width
+    return out
+
+
+def _vgg_trunk(out: Converted, source: dict[str, torch.Tensor]) -> None:
+    """conv1_1..conv5_3 -> features.*, fc6/fc7 -> fc6.0/fc7.0; `width` from conv1_1 if not the paper's."""
+    for name, index in vgg_conv_names():
+        for p in ("weight", "bias"):
+            out.take(source, f"{name}.{p}", f"features.{index}.{p}")
+    for name in ("fc6", "fc7"):
+        for p in ("weight", "bias"):
+            out.take(source, f"{name}.{p}", f"{name}.0.{p}")
+    first = source.get("conv1_1.weight")
+    if first is not None and first.shape[0] != 64:
+        out.model_args["width"] = first.shape[0] / 64
+
+
+def map_deeplab(source: dict[str, torch.Tensor], arch: str) -> Converted:
+    """DeepLab-LargeFOV .caffemodel: conv1_1..conv5_3, fc6 (3x3, rate 12), fc7, fc8_<dataset> (fc8_voc12)."""
+    out = Converted(arch="deeplab_largefov", convention=DEEPLAB_BGR, model_args={"ceil_mode": True})
+    _vgg_trunk(out, source)
+    fc8 = sorted({k.split(".")[0] for k in source if k.startswith("fc8")})
+    if len(fc8) > 1:
+        raise UserError(f"the file has several classifiers {fc8}; DeepLab-LargeFOV has one (fc8_voc12)")
+    for layer in fc8:
+        for p in ("weight", "bias"):
+            out.take(source, f"{layer}.{p}", f"fc8.{p}")
     return out
 
 
@@ -179,6 +201,7 @@ MAPPERS = {
     **{
         (fmt, a): map_fcn for fmt in ("caffe", "torch") for a in ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
     },
+    ("caffe", "deeplab_largefov"): map_deeplab,
     ("semseg", "pspnet"): map_semseg,
     ("mmseg", "pspnet"): map_mmseg,
 }

@@ -68,12 +68,17 @@ def fcn_blobs(stride: int, at_once: bool) -> dict[str, list[torch.Tensor]]:
     return blobs
 
 
-def caffe_max_pool(x: torch.Tensor, kernel: int = 2, stride: int = 2) -> torch.Tensor:
-    """Caffe's PoolingLayer: output ceil((H - k) / s) + 1 (pad 0), windows clipped at the border."""
+def caffe_max_pool(x: torch.Tensor, kernel: int = 2, stride: int = 2, pad: int = 0) -> torch.Tensor:
+    """Caffe's PoolingLayer: output ceil((H + 2 pad - k) / s) + 1, minus one if the last window would start
+    in the bottom padding; windows clipped at the border (so -inf padding)."""
     h, w = x.shape[-2:]
-    out_h, out_w = (math.ceil((n - kernel) / stride) + 1 for n in (h, w))
-    need_h, need_w = (out_h - 1) * stride + kernel, (out_w - 1) * stride + kernel
-    return F.max_pool2d(F.pad(x, (0, need_w - w, 0, need_h - h), value=-math.inf), kernel, stride)
+    sizes = []
+    for n in (h, w):
+        out = math.ceil((n + 2 * pad - kernel) / stride) + 1
+        sizes.append(out - 1 if (out - 1) * stride >= n + pad else out)
+    need_h, need_w = ((o - 1) * stride + kernel for o in sizes)
+    x = F.pad(x, (pad, need_w - w - pad, pad, need_h - h - pad), value=-math.inf)
+    return F.max_pool2d(x, kernel, stride)
 
 
 def caffe_crop(x: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
@@ -174,6 +179,44 @@ def test_fcn_release_imports_and_matches_the_caffe_forward(tmp_path, images, arc
     with torch.no_grad():
         reference = reference_fcn(blobs, x, stride, at_once)
     assert reference.shape == (2, C, 37, 45)
+    assert_same_prediction(tmp_path / "model", images, reference, x)
+
+
+def test_deeplab_largefov_release_imports_and_matches(tmp_path, images) -> None:
+    """DeepLab-LargeFOV (legacy `layers` file): pools 3x3 s2 p1 (ceil) x3, s1 x2, conv5 rate 2, fc6 3x3 rate 12
+    (1024), fc7, fc8_voc12; scores at stride 8, bilinearly resized (segpipe's resize, as for every model)."""
+    gen = torch.Generator().manual_seed(3)
+    blobs = {}
+    for stage in VGG_STAGES:
+        for name, c_in, c_out in stage:
+            c_in = c_in if c_in == 3 else c_in // W
+            blobs[name] = [
+                rand(c_out // W, c_in, 3, 3, gen=gen),
+                torch.randn(c_out // W, generator=gen) * 0.1,
+            ]
+    blobs["fc6"] = [rand(1024 // W, 512 // W, 3, 3, gen=gen), torch.randn(1024 // W, generator=gen) * 0.1]
+    blobs["fc7"] = [rand(1024 // W, 1024 // W, 1, 1, gen=gen), torch.randn(1024 // W, generator=gen) * 0.1]
+    blobs["fc8_voc12"] = [rand(C, 1024 // W, 1, 1, gen=gen), torch.randn(C, generator=gen)]
+    path = tmp_path / "train2_iter_8000.caffemodel"
+    write_caffemodel(path, blobs, legacy=True)
+    summary = import_weights(
+        ImportConfig(arch="deeplab_largefov", source=str(path), out=str(tmp_path / "model"))
+    )
+    assert summary["model_args"] == {"ceil_mode": True, "width": 1 / W}
+    x = (
+        torch.from_numpy(images[..., ::-1].copy()).float() - torch.tensor([104.008, 116.669, 122.675])
+    ).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        h = x
+        for index, stage in enumerate(VGG_STAGES):
+            for name, *_ in stage:
+                rate = 2 if index == 4 else 1
+                h = F.relu(F.conv2d(h, *blobs[name], padding=rate, dilation=rate))
+            h = caffe_max_pool(h, 3, 2 if index < 3 else 1, 1)
+        h = F.relu(F.conv2d(h, *blobs["fc6"], padding=12, dilation=12))
+        scores = F.conv2d(F.relu(F.conv2d(h, *blobs["fc7"])), *blobs["fc8_voc12"])
+        assert scores.shape[-2:] == (6, 7)  # Caffe's rounding: 37 -> 19 -> 10 -> 6, 45 -> 23 -> 12 -> 7
+        reference = F.interpolate(scores, size=(37, 45), mode="bilinear", align_corners=False)
     assert_same_prediction(tmp_path / "model", images, reference, x)
 
 
