@@ -519,7 +519,9 @@ def _add_import_weights(sub: argparse._SubParsersAction) -> None:
         help="turn the authors' released weights (.caffemodel, PyTorch, MMSegmentation) into a model folder",
     )
     p.add_argument(
-        "--arch", required=True, help="fcn32s, fcn16s, fcn8s, fcn8s_atonce, deeplab_largefov or pspnet"
+        "--arch",
+        required=True,
+        help="fcn32s, fcn16s, fcn8s, fcn8s_atonce, deeplab_largefov, dilation or pspnet",
     )
     p.add_argument("--from", dest="source", required=True, help="the release's weights file")
     p.add_argument(

@@ -26,6 +26,7 @@ FINAL_LAYER = {  # the classifier whose output count is the number of classes
     "fcn16s": "score_fr.weight",
     "fcn8s": "score_fr.weight",
     "deeplab_largefov": "fc8.weight",
+    "dilation": "final.weight",
     "pspnet": "classifier.2.weight",
 }
 SHOW = 20  # names listed per kind of problem

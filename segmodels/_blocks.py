@@ -67,7 +67,8 @@ class VGG16Features(nn.Sequential):
 
     `pools` replaces the five 2x2 max-pools (e.g. stride-1 pools for DeepLab, `nn.Identity` for the
     dilation front-end, `return_indices=True` for DeconvNet); `conv5_dilation` dilates conv5_x with
-    matching padding; `first_padding` is conv1_1's padding (100 in the Caffe FCN). Parameterless
+    matching padding; `first_padding` is conv1_1's padding (100 in the Caffe FCN); `valid` drops every
+    conv's padding (the Dilation release's front end). Parameterless
     replacements keep the indices, so ImageNet weights still load by key. Simonyan & Zisserman, Table 1 D.
     """
 
@@ -79,6 +80,7 @@ class VGG16Features(nn.Sequential):
         pools: Sequence[nn.Module] | None = None,
         conv5_dilation: int = 1,
         first_padding: int = 1,
+        valid: bool = False,
     ) -> None:
         pools = list(pools) if pools is not None else [nn.MaxPool2d(2, 2) for _ in range(5)]
         layers: list[nn.Module] = []
@@ -91,7 +93,7 @@ class VGG16Features(nn.Sequential):
                 stage += 1
                 continue
             dilation = conv5_dilation if stage == 4 else 1
-            padding = first_padding if not layers else dilation
+            padding = 0 if valid else first_padding if not layers else dilation
             out_ch = scaled(item, width)
             layers.append(nn.Conv2d(in_ch, out_ch, 3, padding=padding, dilation=dilation))
             if batch_norm:
@@ -106,6 +108,19 @@ class VGG16Features(nn.Sequential):
         """The five conv blocks, each ending with its pool (so stage outputs are pool1..pool5)."""
         layers, ends = list(self), [i + 1 for i in self.pool_indices]
         return [nn.Sequential(*layers[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Mirror-extend N,C,H,W by any amount (repeated reflection without repeating the edge, as OpenCV's
+    BORDER_REFLECT_101; unlike F.pad's pad < size limit)."""
+
+    def indices(n: int, before: int, after: int) -> torch.Tensor:
+        period = 2 * (n - 1)
+        idx = torch.arange(-before, n + after, device=x.device).remainder(period)
+        return torch.where(idx >= n, period - idx, idx)
+
+    h, w = x.shape[-2:]
+    return x.index_select(-2, indices(h, top, bottom)).index_select(-1, indices(w, left, right))
 
 
 def fc_block(

@@ -26,6 +26,21 @@ CAFFE_BGR = InputConvention(
 DEEPLAB_BGR = InputConvention(
     channel_order="bgr", scale=255, mean=(104.008, 116.669, 122.675), std=(1.0, 1.0, 1.0)
 )
+# fyu/dilation predict.py: cv2 BGR, 0-255, minus its mean_pixel.
+DILATION_BGR = InputConvention(
+    channel_order="bgr", scale=255, mean=(102.93, 111.36, 116.52), std=(1.0, 1.0, 1.0)
+)
+# Dilation8 context layers (dilation8_pascal_voc_deploy.prototxt) in the order of segpipe's ContextModule.
+DILATION_CONTEXT = (
+    "ct_conv1_1",
+    "ct_conv1_2",
+    "ct_conv2_1",
+    "ct_conv3_1",
+    "ct_conv4_1",
+    "ct_conv5_1",
+    "ct_fc1",
+    "ct_final",
+)
 # hszhao/semseg and MMSegmentation: RGB, 0-255, ImageNet mean/std in 0-255 units.
 IMAGENET_255 = InputConvention(
     channel_order="rgb", scale=255, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)
@@ -120,6 +135,22 @@ def map_deeplab(source: dict[str, torch.Tensor], arch: str) -> Converted:
     return out
 
 
+def map_dilation(source: dict[str, torch.Tensor], arch: str) -> Converted:
+    """Dilation8 (fyu/dilation): unpadded front end conv1_1..fc7 + fc-final, context ct_conv1_1..ct_final."""
+    out = Converted(arch="dilation", convention=DILATION_BGR)
+    _vgg_trunk(out, source)
+    for p in ("weight", "bias"):
+        out.take(source, f"fc-final.{p}", f"final.{p}")
+        for index, layer in enumerate(DILATION_CONTEXT):
+            out.take(source, f"{layer}.{p}", f"context.{2 * index}.{p}")
+    first, final = source.get("ct_conv1_1.weight"), source.get("fc-final.weight")
+    context = None
+    if first is not None and final is not None:
+        context = "large" if first.shape[0] == 2 * final.shape[0] else "basic"
+    out.model_args.update({"padding": "valid", "context": context})
+    return out
+
+
 def resnet_depth(source: dict[str, torch.Tensor], prefix: str) -> int:
     """18/34/50/101 from the number of layer3 blocks and whether they are bottlenecks (have conv3)."""
     blocks = {int(m.group(1)) for k in source if (m := re.match(rf"{re.escape(prefix)}layer3\.(\d+)\.", k))}
@@ -202,6 +233,7 @@ MAPPERS = {
         (fmt, a): map_fcn for fmt in ("caffe", "torch") for a in ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
     },
     ("caffe", "deeplab_largefov"): map_deeplab,
+    ("caffe", "dilation"): map_dilation,
     ("semseg", "pspnet"): map_semseg,
     ("mmseg", "pspnet"): map_mmseg,
 }

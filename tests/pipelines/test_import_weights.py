@@ -220,6 +220,63 @@ def test_deeplab_largefov_release_imports_and_matches(tmp_path, images) -> None:
     assert_same_prediction(tmp_path / "model", images, reference, x)
 
 
+def test_dilation8_release_imports_and_matches(tmp_path, images) -> None:
+    """dilation8_pascal_voc_deploy.prototxt: 900x900 input, unpadded front end (fc-final), large context
+    ct_conv1_1 (pad 33) .. ct_final unpadded; predict.py: BGR minus its mean, REFLECT_101 margin 186,
+    probabilities zoomed x8 by interp_map."""
+    gen = torch.Generator().manual_seed(4)
+    blobs = {}
+    for stage in VGG_STAGES:
+        for name, c_in, c_out in stage:
+            c_in = c_in if c_in == 3 else c_in // W
+            blobs[name] = [
+                rand(c_out // W, c_in, 3, 3, gen=gen),
+                torch.randn(c_out // W, generator=gen) * 0.1,
+            ]
+    fc = 4096 // W
+    blobs["fc6"] = [rand(fc, 512 // W, 7, 7, gen=gen), torch.randn(fc, generator=gen) * 0.1]
+    blobs["fc7"] = [rand(fc, fc, 1, 1, gen=gen), torch.randn(fc, generator=gen) * 0.1]
+    blobs["fc-final"] = [rand(C, fc, 1, 1, gen=gen), torch.randn(C, generator=gen)]
+    context = [("ct_conv1_1", 42, 1), ("ct_conv1_2", 42, 1), ("ct_conv2_1", 84, 2), ("ct_conv3_1", 168, 4)]
+    context += [("ct_conv4_1", 336, 8), ("ct_conv5_1", 672, 16), ("ct_fc1", 672, 1)]
+    c_in = C
+    for name, c_out, _ in context:
+        blobs[name] = [rand(c_out, c_in, 3, 3, gen=gen), torch.randn(c_out, generator=gen) * 0.1]
+        c_in = c_out
+    blobs["ct_final"] = [rand(C, c_in, 1, 1, gen=gen), torch.randn(C, generator=gen)]
+    path = tmp_path / "dilation8_pascal_voc.caffemodel"
+    write_caffemodel(path, blobs, legacy=False)
+    summary = import_weights(ImportConfig(arch="dilation", source=str(path), out=str(tmp_path / "model")))
+    assert summary["model_args"] == {"width": 1 / W, "padding": "valid", "context": "large"}
+
+    h, w = images.shape[1:3]
+    bgr = images[..., ::-1].astype(np.float32) - np.array([102.93, 111.36, 116.52], dtype=np.float32)
+    canvas = np.pad(bgr, ((0, 0), (186, 900 - h - 186), (186, 900 - w - 186), (0, 0)), mode="reflect")
+    x = torch.from_numpy(canvas).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        for index, stage in enumerate(VGG_STAGES):
+            for name, *_ in stage:
+                x = F.relu(F.conv2d(x, *blobs[name], dilation=2 if index == 4 else 1))
+            x = caffe_max_pool(x) if index < 3 else x
+        x = F.relu(F.conv2d(x, *blobs["fc6"], dilation=4))
+        x = F.conv2d(F.relu(F.conv2d(x, *blobs["fc7"])), *blobs["fc-final"])
+        for index, (name, _, rate) in enumerate(context):
+            x = F.relu(F.conv2d(x, *blobs[name], padding=33 if index == 0 else 0, dilation=rate))
+        scores = F.conv2d(x, *blobs["ct_final"])
+        assert scores.shape[-2:] == (66, 66)
+        # interp_map: output pixel (r, c) reads the score map at (r / 8, c / 8), bilinearly.
+        zoom = F.interpolate(scores, size=(521, 521), mode="bilinear", align_corners=True)[..., :h, :w]
+        release_probs = F.interpolate(scores.softmax(1), size=(521, 521), mode="bilinear", align_corners=True)
+    model = load_model_dir(tmp_path / "model")
+    network = model.ensemble.members[0].network
+    with torch.no_grad():
+        logits = network(torch.from_numpy(bgr.copy()).permute(0, 3, 1, 2))
+        probs = model.ensemble(model.normalize(torch.from_numpy(images)))
+    assert (logits - zoom).abs().max() <= 1e-4 * zoom.abs().max()
+    agree = (probs.argmax(1) == release_probs[..., :h, :w].argmax(1)).float().mean()
+    assert agree >= 0.999, f"{agree:.4%} of pixels agree with the release's probability zoom"
+
+
 # ---------------------------------------------------------------------------------------------- PSPNet
 def bn_entries(state: dict, prefix: str, channels: int, gen: torch.Generator) -> None:
     state[f"{prefix}.weight"] = 1 + 0.1 * torch.randn(channels, generator=gen)
