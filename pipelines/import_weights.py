@@ -27,6 +27,7 @@ FINAL_LAYER = {  # the classifier whose output count is the number of classes
     "fcn8s": "score_fr.weight",
     "deeplab_largefov": "fc8.weight",
     "dilation": "final.weight",
+    "deconvnet": "score.weight",
     "pspnet": "classifier.2.weight",
 }
 SHOW = 20  # names listed per kind of problem

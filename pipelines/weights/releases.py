@@ -74,15 +74,15 @@ class Converted:
             self.used.add(src)
 
 
-def vgg_conv_names() -> list[tuple[str, int]]:
-    """(release name conv1_1 .. conv5_3, index in segpipe's torchvision-layout `features`), no batch norm."""
+def vgg_conv_names(batch_norm: bool = False) -> list[tuple[str, int]]:
+    """(release name conv1_1 .. conv5_3, index in segpipe's torchvision-layout `features`)."""
     names, index, stage, conv = [], 0, 1, 1
     for item in VGG16_CFG:
         if item == "M":
             index, stage, conv = index + 1, stage + 1, 1
             continue
         names.append((f"conv{stage}_{conv}", index))
-        index, conv = index + 2, conv + 1  # conv + ReLU
+        index, conv = index + (3 if batch_norm else 2), conv + 1  # conv (+ BN) + ReLU
     return names
 
 
@@ -148,6 +148,47 @@ def map_dilation(source: dict[str, torch.Tensor], arch: str) -> Converted:
     if first is not None and final is not None:
         context = "large" if first.shape[0] == 2 * final.shape[0] else "basic"
     out.model_args.update({"padding": "valid", "context": context})
+    return out
+
+
+def _folded_bn(out: Converted, source: dict[str, torch.Tensor], layer: str, dst: str) -> None:
+    """DeconvNet's inference BN layer (blobs: scale, shift; y = scale * x + shift, statistics already
+    folded in by its BN_make_INFERENCE script) as a BatchNorm2d with mean 0 and var 1 - eps."""
+    if f"{layer}.weight" not in source or f"{layer}.bias" not in source:
+        return
+    scale, shift = source[f"{layer}.weight"].reshape(-1), source[f"{layer}.bias"].reshape(-1)
+    out.state.update({f"{dst}.weight": scale, f"{dst}.bias": shift})
+    out.state[f"{dst}.running_mean"] = torch.zeros_like(scale)
+    out.state[f"{dst}.running_var"] = torch.full_like(scale, 1.0 - 1e-5)  # BatchNorm2d's eps
+    out.used |= {f"{layer}.weight", f"{layer}.bias"}
+
+
+def map_deconvnet(source: dict[str, torch.Tensor], arch: str) -> Converted:
+    """DeconvNet_inference_deploy (legacy `layers`): conv*/bn*, fc6/bnfc6, fc7/bnfc7, fc6-deconv(-bn),
+    deconv*/debn*, seg-score-<dataset>; BN layers in INFERENCE mode (scale, shift)."""
+    out = Converted(arch="deconvnet", convention=CAFFE_BGR)
+    for name, index in vgg_conv_names(batch_norm=True):
+        for p in ("weight", "bias"):
+            out.take(source, f"{name}.{p}", f"features.{index}.{p}")
+        _folded_bn(out, source, "bn" + name.removeprefix("conv"), f"features.{index + 1}")
+    pairs = [("fc6", "bnfc6", "fc6"), ("fc7", "bnfc7", "fc7"), ("fc6-deconv", "fc6-deconv-bn", "deconv_fc6")]
+    for stage, count in ((5, 3), (4, 3), (3, 3), (2, 2), (1, 2)):
+        pairs += [
+            (f"deconv{stage}_{k}", f"debn{stage}_{k}", f"deconv{stage}.{k - 1}") for k in range(1, count + 1)
+        ]
+    for layer, bn, dst in pairs:
+        for p in ("weight", "bias"):
+            out.take(source, f"{layer}.{p}", f"{dst}.0.{p}")
+        _folded_bn(out, source, bn, f"{dst}.1")
+    scores = sorted({k.split(".")[0] for k in source if k.startswith("seg-score")})
+    if len(scores) > 1:
+        raise UserError(f"the file has several classifiers {scores}; DeconvNet has one (seg-score-voc)")
+    for layer in scores:
+        for p in ("weight", "bias"):
+            out.take(source, f"{layer}.{p}", f"score.{p}")
+    first = source.get("conv1_1.weight")
+    if first is not None and first.shape[0] != 64:
+        out.model_args["width"] = first.shape[0] / 64
     return out
 
 
@@ -234,6 +275,7 @@ MAPPERS = {
     },
     ("caffe", "deeplab_largefov"): map_deeplab,
     ("caffe", "dilation"): map_dilation,
+    ("caffe", "deconvnet"): map_deconvnet,
     ("semseg", "pspnet"): map_semseg,
     ("mmseg", "pspnet"): map_mmseg,
 }

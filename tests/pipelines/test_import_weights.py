@@ -277,6 +277,62 @@ def test_dilation8_release_imports_and_matches(tmp_path, images) -> None:
     assert agree >= 0.999, f"{agree:.4%} of pixels agree with the release's probability zoom"
 
 
+def test_deconvnet_release_imports_and_matches(tmp_path, images) -> None:
+    """DeconvNet_inference_deploy.prototxt (legacy `layers`): conv + BN(INFERENCE: scale, shift) + ReLU,
+    pools with masks, fc6 7x7 / fc7 + BN, fc6-deconv 7x7, unpool + deconv + BN mirror, seg-score-voc;
+    preprocess_image.m: BGR minus the mean, zero-padded after the image to 224."""
+    gen = torch.Generator().manual_seed(5)
+    blobs: dict[str, list[torch.Tensor]] = {}
+
+    def conv_bn(name: str, bn: str, c_out: int, c_in: int, k: int, transposed: bool = False) -> None:
+        shape = (c_in, c_out, k, k) if transposed else (c_out, c_in, k, k)
+        blobs[name] = [rand(*shape, gen=gen), torch.randn(c_out, generator=gen) * 0.1]
+        scale = (1 + 0.1 * torch.randn(c_out, generator=gen)).view(1, c_out, 1, 1)
+        blobs[bn] = [scale, (0.1 * torch.randn(c_out, generator=gen)).view(1, c_out, 1, 1)]
+
+    for stage in VGG_STAGES:
+        for name, c_in, c_out in stage:
+            conv_bn(name, "bn" + name[4:], c_out // W, c_in if c_in == 3 else c_in // W, 3)
+    fc = 4096 // W
+    conv_bn("fc6", "bnfc6", fc, 512 // W, 7)
+    conv_bn("fc7", "bnfc7", fc, fc, 1)
+    conv_bn("fc6-deconv", "fc6-deconv-bn", 512 // W, fc, 7, transposed=True)
+    decoder = {5: (512, 512, 512), 4: (512, 512, 256), 3: (256, 256, 128), 2: (128, 64), 1: (64, 64)}
+    c_in = 512 // W
+    for stage, widths in decoder.items():
+        for k, c_out in enumerate(widths, start=1):
+            conv_bn(f"deconv{stage}_{k}", f"debn{stage}_{k}", c_out // W, c_in, 3, transposed=True)
+            c_in = c_out // W
+    blobs["seg-score-voc"] = [rand(C, c_in, 1, 1, gen=gen), torch.randn(C, generator=gen)]
+    path = tmp_path / "DeconvNet_trainval_inference.caffemodel"
+    write_caffemodel(path, blobs, legacy=True)
+    summary = import_weights(ImportConfig(arch="deconvnet", source=str(path), out=str(tmp_path / "model")))
+    assert summary["model_args"] == {"width": 1 / W}
+
+    def layer(x, name, bn, transposed=False, pad=1):
+        op = F.conv_transpose2d if transposed else F.conv2d
+        x = op(x, *blobs[name], padding=pad)
+        return F.relu(x * blobs[bn][0] + blobs[bn][1])
+
+    x = bgr_input(images)
+    h, w = x.shape[-2:]
+    with torch.no_grad():
+        y, masks = F.pad(x, (0, 224 - w, 0, 224 - h)), []
+        for stage in VGG_STAGES:
+            for name, *_ in stage:
+                y = layer(y, name, "bn" + name[4:])
+            y, mask = F.max_pool2d(y, 2, 2, return_indices=True)
+            masks.append(mask)
+        y = layer(layer(y, "fc6", "bnfc6", pad=0), "fc7", "bnfc7", pad=0)
+        y = layer(y, "fc6-deconv", "fc6-deconv-bn", transposed=True, pad=0)
+        for (stage, widths), mask in zip(decoder.items(), reversed(masks), strict=True):
+            y = F.max_unpool2d(y, mask, 2, 2)
+            for k in range(1, len(widths) + 1):
+                y = layer(y, f"deconv{stage}_{k}", f"debn{stage}_{k}", transposed=True)
+        reference = F.conv2d(y, *blobs["seg-score-voc"])[..., :h, :w]
+    assert_same_prediction(tmp_path / "model", images, reference, x)
+
+
 # ---------------------------------------------------------------------------------------------- PSPNet
 def bn_entries(state: dict, prefix: str, channels: int, gen: torch.Generator) -> None:
     state[f"{prefix}.weight"] = 1 + 0.1 * torch.randn(channels, generator=gen)
