@@ -148,16 +148,17 @@ class ConventionAdapter(nn.Module):
         self.num_classes = getattr(network, "num_classes", None)
         self.arch = getattr(network, "arch", type(network).__name__)
         flip = source.channel_order != target.channel_order
-        # source value v -> pixel (0-1) p = v*std_s + mean_s (source order); target channel c reads p[perm[c]].
+        # source value v -> pixel p (0-1) = (v * std_s + mean_s) / scale_s; target channel c reads p[perm[c]]
+        # and becomes (p * scale_t - mean_t) / std_t: one gain and shift per channel (float64, then float32).
         perm = [2, 1, 0] if flip else [0, 1, 2]
-        s_mean, s_std = (torch.tensor(v)[perm] for v in (source.mean, source.std))
+        s_mean, s_std = (torch.tensor(v, dtype=torch.float64)[perm] for v in (source.mean, source.std))
         s_mean, s_std = s_mean / source.scale, s_std / source.scale
-        t_mean, t_std = torch.tensor(target.mean), torch.tensor(target.std)
+        t_mean, t_std = (torch.tensor(v, dtype=torch.float64) for v in (target.mean, target.std))
         gain = s_std * target.scale / t_std
         shift = (s_mean * target.scale - t_mean) / t_std
         self.register_buffer("perm", torch.tensor(perm), persistent=False)
-        self.register_buffer("gain", gain.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("gain", gain.float().view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.float().view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.network(x.index_select(1, self.perm) * self.gain.to(x.dtype) + self.shift.to(x.dtype))

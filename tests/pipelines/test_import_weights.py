@@ -587,3 +587,18 @@ def test_imported_model_registers(tmp_path, mlflow_uri) -> None:
     assert summary["model_uri"] == "models:/fcn32s-voc/1"
     folder = tracking.download_model(summary["model_uri"], mlflow_uri)
     assert load_model_dir(folder).spec.members[0].input.channel_order == "bgr"
+
+
+def test_imported_model_predicts_through_the_evaluate_path(tmp_path, images) -> None:
+    """evaluate / serve's `predict_batch` (uint8 in, probabilities out) applies the release's convention."""
+    from pipelines.evaluate import InferenceSettings, predict_batch
+
+    blobs = fcn_blobs(32, at_once=False)
+    path = tmp_path / "fcn32s-heavy-pascal.caffemodel"
+    write_caffemodel(path, blobs, legacy=False)
+    import_weights(ImportConfig(arch="fcn32s", source=str(path), out=str(tmp_path / "model")))
+    probs = predict_batch(load_model_dir(tmp_path / "model"), images, InferenceSettings())
+    with torch.no_grad():
+        reference = reference_fcn(blobs, bgr_input(images), 32, False).softmax(1)
+    assert (probs.argmax(1) == reference.argmax(1)).float().mean() >= 0.999
+    torch.testing.assert_close(probs, reference, atol=1e-3, rtol=0)
