@@ -207,6 +207,7 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
                     config=m.config,
                     metrics=m.metrics,
                     source=uris[c],
+                    input=m.input,
                 )
             )
             member_weights.append(w * mw / sum(specs[c].ensemble_weights))

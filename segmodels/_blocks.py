@@ -67,7 +67,8 @@ class VGG16Features(nn.Sequential):
 
     `pools` replaces the five 2x2 max-pools (e.g. stride-1 pools for DeepLab, `nn.Identity` for the
     dilation front-end, `return_indices=True` for DeconvNet); `conv5_dilation` dilates conv5_x with
-    matching padding; `first_padding` is conv1_1's padding (100 in the Caffe FCN). Parameterless
+    matching padding; `first_padding` is conv1_1's padding (100 in the Caffe FCN); `valid` drops every
+    conv's padding (the Dilation release's front end). Parameterless
     replacements keep the indices, so ImageNet weights still load by key. Simonyan & Zisserman, Table 1 D.
     """
 
@@ -79,6 +80,7 @@ class VGG16Features(nn.Sequential):
         pools: Sequence[nn.Module] | None = None,
         conv5_dilation: int = 1,
         first_padding: int = 1,
+        valid: bool = False,
     ) -> None:
         pools = list(pools) if pools is not None else [nn.MaxPool2d(2, 2) for _ in range(5)]
         layers: list[nn.Module] = []
@@ -91,7 +93,7 @@ class VGG16Features(nn.Sequential):
                 stage += 1
                 continue
             dilation = conv5_dilation if stage == 4 else 1
-            padding = first_padding if not layers else dilation
+            padding = 0 if valid else first_padding if not layers else dilation
             out_ch = scaled(item, width)
             layers.append(nn.Conv2d(in_ch, out_ch, 3, padding=padding, dilation=dilation))
             if batch_norm:
@@ -106,6 +108,19 @@ class VGG16Features(nn.Sequential):
         """The five conv blocks, each ending with its pool (so stage outputs are pool1..pool5)."""
         layers, ends = list(self), [i + 1 for i in self.pool_indices]
         return [nn.Sequential(*layers[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Mirror-extend N,C,H,W by any amount (repeated reflection without repeating the edge, as OpenCV's
+    BORDER_REFLECT_101; unlike F.pad's pad < size limit)."""
+
+    def indices(n: int, before: int, after: int) -> torch.Tensor:
+        period = 2 * (n - 1)
+        idx = torch.arange(-before, n + after, device=x.device).remainder(period)
+        return torch.where(idx >= n, period - idx, idx)
+
+    h, w = x.shape[-2:]
+    return x.index_select(-2, indices(h, top, bottom)).index_select(-1, indices(w, left, right))
 
 
 def fc_block(
@@ -150,12 +165,31 @@ def bilinear_upsampling(channels: int, factor: int, *, trainable: bool = True) -
     return up
 
 
-def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize of N,C,h,w logits to N,C,*size (the papers' final x8 interpolation)."""
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+def resize_to(x: torch.Tensor, size: Sequence[int], *, align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of N,C,h,w logits to N,C,*size (the papers' final x8 interpolation).
+
+    `align_corners=True` is the corner-aligned variant some released PyTorch models (hszhao/semseg) use.
+    """
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# Deep stems (three 3x3 convs + BN + ReLU instead of the 7x7 conv): output widths of the three convs.
+# "v1c": MMSegmentation's ResNetV1c (its R50/R101-D8 models); "deepbase": hszhao/semseg's PSPNet ResNet.
+DEEP_STEMS = {"v1c": (32, 32, 64), "deepbase": (64, 64, 128)}
+BACKBONES = RESNETS + tuple(f"{r}_v1c" for r in RESNETS) + ("resnet50_deepbase", "resnet101_deepbase")
+
+
+def deep_stem(widths: tuple[int, int, int]) -> nn.Sequential:
+    """conv3x3 stride 2 -> conv3x3 -> conv3x3, each + BN + ReLU (Bag of Tricks' ResNet-C): N,3,H,W -> H/2."""
+    layers: list[nn.Module] = []
+    for i, (c_in, c_out) in enumerate(zip((3, *widths[:-1]), widths, strict=True)):
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, stride=2 if i == 0 else 1, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers)
 
 
 class DilatedResNet(nn.Module):
@@ -165,25 +199,45 @@ class DilatedResNet(nn.Module):
     loads by key. Every stride-2 conv of layer3/4 gets stride 1 and every 3x3 conv there dilation 2/4,
     which works for BasicBlock (resnet18/34) and Bottleneck alike. forward: N,3,H,W -> (layer3, layer4)
     features, each N,C,H/8,W/8. PSPNet section 3.3 / DeepLab v2.
+
+    `resnetXX_v1c`: MMSegmentation's ResNetV1c-D8, a deep `stem` (32, 32, 64) in place of conv1/bn1, the
+    first block of layer3/layer4 dilated by half (1 / 2, its `contract_dilation`) and, as its BasicBlock
+    does, only the first 3x3 conv of a block dilated.
+    `resnet50_deepbase` / `resnet101_deepbase`: hszhao/semseg's trunk, stem (64, 64, 128), every block of
+    layer3/4 dilated 2/4.
     """
 
     def __init__(self, name: str = "resnet50") -> None:
         super().__init__()
-        if name not in RESNETS:
-            raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(RESNETS)}")
-        resnet = getattr(torchvision.models, name)(weights=None)
-        for key in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
+        base, _, stem = name.partition("_")
+        resnet = getattr(torchvision.models, base)(weights=None)
+        if stem:
+            self.stem = deep_stem(DEEP_STEMS[stem])
+            first, width = resnet.layer1[0], DEEP_STEMS[stem][-1]
+            if width != first.conv1.in_channels:  # deepbase (Bottleneck only): 1x1 conv1 and downsample
+                first.conv1 = nn.Conv2d(width, first.conv1.out_channels, 1, bias=False)
+                first.downsample[0] = nn.Conv2d(width, first.downsample[0].out_channels, 1, bias=False)
+            keys = ("relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        else:
+            self.stem = None
+            keys = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        for key in keys:
             setattr(self, key, getattr(resnet, key))
         for layer, dilation in ((self.layer3, 2), (self.layer4, 4)):
-            for conv in layer.modules():
-                if isinstance(conv, nn.Conv2d) and conv.stride == (2, 2):
-                    conv.stride = (1, 1)
-                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
-                    conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
+            for index, block in enumerate(layer):
+                rate = dilation // 2 if stem == "v1c" and index == 0 else dilation
+                convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+                for conv in convs:
+                    if conv.stride == (2, 2):
+                        conv.stride = (1, 1)
+                for conv in [c for c in convs if c.kernel_size == (3, 3)][: 1 if stem == "v1c" else None]:
+                    conv.dilation, conv.padding = (rate, rate), (rate, rate)
         self.out_channels = resnet.fc.in_features
         self.layer3_channels = self.out_channels // 2
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c3 = self.layer3(self.layer2(self.layer1(x)))
+        x = self.stem(x) if self.stem is not None else self.relu(self.bn1(self.conv1(x)))
+        c3 = self.layer3(self.layer2(self.layer1(self.maxpool(x))))
         return c3, self.layer4(c3)

@@ -4,6 +4,13 @@ One trained network is an ensemble of one member; `segpipe ensemble` writes seve
 to rebuild and run the model (architectures and their arguments, classes, palette, normalisation,
 input scale, ensemble weights, CRF parameters, metrics, dataset fingerprint) is in `model.json`, so
 loading needs only segmodels and the folder.
+
+Input conventions: `LoadedModel.normalize` turns uint8 pixels into the model-level representation
+(ImageNet-normalised RGB, `ModelSpec.mean/std`); each member whose own `InputConvention` differs (a Caffe
+release takes BGR 0-255 minus a mean) is wrapped by `load_member` in a `ConventionAdapter` that converts
+that representation into the member's. So every consumer that goes through `normalize` + the members
+(evaluate, predict, serve, ensembles mixing conventions) feeds each network what it was trained on.
+Format version 1 folders have no conventions and load as ImageNet RGB 0-1, as before.
 """
 
 from __future__ import annotations
@@ -15,10 +22,41 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from segmodels.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT = "segpipe-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: members carry an `input` convention (absent in 1 = ImageNet RGB 0-1)
 SPEC_FILE = "model.json"
+CHANNEL_ORDERS = ("rgb", "bgr")
+VALUE_SCALES = (1.0, 255.0)
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """How one member network expects its input: x = (pixels[channel_order] * scale/255 - mean) / std.
+
+    `mean` and `std` are in the member's channel order and value scale: ImageNet RGB 0-1 (segpipe's own
+    training) is the default; the Caffe releases are `bgr`, scale 255, their mean, std 1.
+    """
+
+    channel_order: str = "rgb"
+    scale: float = 1.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
+        if float(self.scale) not in VALUE_SCALES:
+            raise ValueError(f"scale must be 1 (pixels 0-1) or 255 (pixels 0-255), got {self.scale!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean!r}, {self.std!r}")
+        # JSON gives lists: store tuples so equal conventions compare (and hash) equal.
+        object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
 
 @dataclass(frozen=True)
@@ -32,6 +70,11 @@ class MemberSpec:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    input: InputConvention = field(default_factory=InputConvention)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input, dict):  # read from model.json
+            object.__setattr__(self, "input", InputConvention(**self.input))
 
 
 @dataclass(frozen=True)
@@ -92,14 +135,54 @@ def read_spec(path: str | Path) -> ModelSpec:
     return ModelSpec.from_json(json.loads(file.read_text()))
 
 
+class ConventionAdapter(nn.Module):
+    """Feeds `network` its own input convention: forward(x: N,3,H,W in `source` convention) -> its output.
+
+    The conversion is one per-channel affine map (plus a channel flip for rgb <-> bgr), so it commutes with
+    the resizing, flipping and sliding of `segmodels.inference`.
+    """
+
+    def __init__(self, network: nn.Module, target: InputConvention, source: InputConvention) -> None:
+        super().__init__()
+        self.network = network
+        self.num_classes = getattr(network, "num_classes", None)
+        self.arch = getattr(network, "arch", type(network).__name__)
+        flip = source.channel_order != target.channel_order
+        # source value v -> pixel p (0-1) = (v * std_s + mean_s) / scale_s; target channel c reads p[perm[c]]
+        # and becomes (p * scale_t - mean_t) / std_t: one gain and shift per channel (float64, then float32).
+        perm = [2, 1, 0] if flip else [0, 1, 2]
+        s_mean, s_std = (torch.tensor(v, dtype=torch.float64)[perm] for v in (source.mean, source.std))
+        s_mean, s_std = s_mean / source.scale, s_std / source.scale
+        t_mean, t_std = (torch.tensor(v, dtype=torch.float64) for v in (target.mean, target.std))
+        gain = s_std * target.scale / t_std
+        shift = (s_mean * target.scale - t_mean) / t_std
+        self.register_buffer("perm", torch.tensor(perm), persistent=False)
+        self.register_buffer("gain", gain.float().view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.float().view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.network(x.index_select(1, self.perm) * self.gain.to(x.dtype) + self.shift.to(x.dtype))
+
+
 def load_member(
-    folder: str | Path, member: MemberSpec, device: str | torch.device = "cpu"
+    folder: str | Path,
+    member: MemberSpec,
+    device: str | torch.device = "cpu",
+    source: InputConvention | None = None,
 ) -> torch.nn.Module:
-    """Rebuild one member network and load its safetensors weights strictly, in eval mode."""
+    """Rebuild one member network and load its safetensors weights strictly, in eval mode.
+
+    Inputs are expected in the `source` convention (default: the model-level ImageNet RGB 0-1 that
+    `LoadedModel.normalize` produces); a member with another convention comes wrapped in a
+    `ConventionAdapter`.
+    """
     from segmodels import build_model
 
     model = build_model(member.arch, member.num_classes, **member.model_args)
     model.load_state_dict(load_file(str(Path(folder) / member.weights), device=str(device)))
+    source = source or InputConvention()
+    if member.input != source:
+        model = ConventionAdapter(model, member.input, source)
     return model.to(device).eval()
 
 
@@ -120,7 +203,10 @@ class LoadedModel:
         return torch.tensor(self.spec.std).view(1, 3, 1, 1)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 N,H,W,3 -> float N,3,H,W normalised with the model's own statistics."""
+        """uint8 RGB N,H,W,3 -> float N,3,H,W normalised with the model-level statistics.
+
+        Members with another input convention convert this themselves (`ConventionAdapter`).
+        """
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
@@ -130,6 +216,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     from segmodels.ensemble import Ensemble
 
     spec = read_spec(path)
-    members = [load_member(path, m, device) for m in spec.members]
+    source = InputConvention(mean=tuple(spec.mean), std=tuple(spec.std))
+    members = [load_member(path, m, device, source) for m in spec.members]
     ensemble = Ensemble(members, weights=spec.ensemble_weights).to(device).eval()
     return LoadedModel(spec=spec, ensemble=ensemble, folder=Path(path))

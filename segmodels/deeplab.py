@@ -27,9 +27,10 @@ class DeepLabLargeFOV(SegmentationModel):
     backbone_children = ("features", "fc6", "fc7")
     imagenet_source = "vgg16"
 
-    def __init__(self, num_classes: int, *, width: float = 1.0) -> None:
+    def __init__(self, num_classes: int, *, width: float = 1.0, ceil_mode: bool = False) -> None:
         super().__init__(num_classes, width=width)
-        pools = [nn.MaxPool2d(3, 2, padding=1) for _ in range(3)] + [
+        # ceil_mode: Caffe's pooling rounds up, so the released model sees one more row/column on even sizes.
+        pools = [nn.MaxPool2d(3, 2, padding=1, ceil_mode=ceil_mode) for _ in range(3)] + [
             nn.MaxPool2d(3, 1, padding=1) for _ in range(2)
         ]
         self.features = VGG16Features(width, pools=pools, conv5_dilation=2)
@@ -46,6 +47,9 @@ class DeepLabLargeFOV(SegmentationModel):
 
 
 @register_model
-def deeplab_largefov(*, num_classes: int, width: float = 1.0) -> DeepLabLargeFOV:
-    """DeepLab-LargeFOV (arXiv:1412.7062): dilated VGG16, fc6 3x3 rate 12 with 1024 channels."""
-    return DeepLabLargeFOV(num_classes, width=width)
+def deeplab_largefov(*, num_classes: int, width: float = 1.0, ceil_mode: bool = False) -> DeepLabLargeFOV:
+    """DeepLab-LargeFOV (arXiv:1412.7062): dilated VGG16, fc6 3x3 rate 12 with 1024 channels.
+
+    `ceil_mode=True` rounds pool1-3 up as Caffe does (set when importing the released weights).
+    """
+    return DeepLabLargeFOV(num_classes, width=width, ceil_mode=ceil_mode)

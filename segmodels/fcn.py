@@ -25,15 +25,28 @@ class FCN(SegmentationModel):
     """VGG16 FCN with skips down to `stride` (32, 16 or 8). N,3,H,W -> N,C,H,W logits. Paper section 4.
 
     score_fr, score_pool4 and score_pool3 start at zero (section 4.3); the x2 upsamplings start as
-    bilinear interpolation and are learned; the final one stays fixed bilinear (PAMI reference nets).
+    bilinear interpolation and are learned; the final one stays fixed bilinear. `fixed_upsampling` keeps
+    the x2 layers fixed too, and `at_once` scales pool4 by 0.01 and pool3 by 1e-4 before their score
+    layers: both as in the released PAMI reference nets (FCN-8s-at-once, PAMI section 4.2).
     """
 
     backbone_children = ("features", "fc6", "fc7")
     imagenet_source = "vgg16"
 
-    def __init__(self, num_classes: int, *, stride: int, width: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        stride: int,
+        width: float = 1.0,
+        fixed_upsampling: bool = False,
+        at_once: bool = False,
+    ) -> None:
         self.arch = f"fcn{stride}s"
         super().__init__(num_classes, width=width)
+        learn = not fixed_upsampling
+        self.fixed_upsampling, self.at_once = fixed_upsampling, at_once
+        self.pool4_scale, self.pool3_scale = (0.01, 1e-4) if at_once else (1.0, 1.0)
         ceil_pools = [nn.MaxPool2d(2, 2, ceil_mode=True) for _ in range(5)]
         self.features = VGG16Features(width, pools=ceil_pools, first_padding=100)
         fc = scaled(4096, width)
@@ -44,13 +57,13 @@ class FCN(SegmentationModel):
         if stride == 32:
             self.upscore = bilinear_upsampling(num_classes, 32, trainable=False)
         else:
-            self.upscore2 = bilinear_upsampling(num_classes, 2)
+            self.upscore2 = bilinear_upsampling(num_classes, 2, trainable=learn)
             self.score_pool4 = nn.Conv2d(scaled(512, width), num_classes, 1)
         if stride == 16:
             self.upscore16 = bilinear_upsampling(num_classes, 16, trainable=False)
         if stride == 8:
             self.score_pool3 = nn.Conv2d(scaled(256, width), num_classes, 1)
-            self.upscore_pool4 = bilinear_upsampling(num_classes, 2)
+            self.upscore_pool4 = bilinear_upsampling(num_classes, 2, trainable=learn)
             self.upscore8 = bilinear_upsampling(num_classes, 8, trainable=False)
         for name, score in self.named_children():
             if name.startswith("score"):  # score_fr, score_pool4, score_pool3
@@ -65,11 +78,11 @@ class FCN(SegmentationModel):
         if self.stride == 32:
             return crop(self.upscore(score), 19, size)
         up = self.upscore2(score)
-        score = up + crop(self.score_pool4(pool4), 5, up.shape[-2:])
+        score = up + crop(self.score_pool4(pool4 * self.pool4_scale), 5, up.shape[-2:])
         if self.stride == 16:
             return crop(self.upscore16(score), 27, size)
         up = self.upscore_pool4(score)
-        score = up + crop(self.score_pool3(pool3), 9, up.shape[-2:])
+        score = up + crop(self.score_pool3(pool3 * self.pool3_scale), 9, up.shape[-2:])
         return crop(self.upscore8(score), 31, size)
 
 
@@ -89,12 +102,19 @@ def fcn32s(*, num_classes: int, width: float = 1.0) -> FCN:
 
 
 @register_model
-def fcn16s(*, num_classes: int, width: float = 1.0) -> FCN:
+def fcn16s(
+    *, num_classes: int, width: float = 1.0, fixed_upsampling: bool = False, at_once: bool = False
+) -> FCN:
     """FCN-16s: fc7 scores x2 + pool4 scores, then x16 (arXiv:1411.4038, section 4.2)."""
-    return FCN(num_classes, stride=16, width=width)
+    return FCN(num_classes, stride=16, width=width, fixed_upsampling=fixed_upsampling, at_once=at_once)
 
 
 @register_model
-def fcn8s(*, num_classes: int, width: float = 1.0) -> FCN:
-    """FCN-8s: FCN-16s fused map x2 + pool3 scores, then x8 (arXiv:1411.4038, section 4.2)."""
-    return FCN(num_classes, stride=8, width=width)
+def fcn8s(
+    *, num_classes: int, width: float = 1.0, fixed_upsampling: bool = False, at_once: bool = False
+) -> FCN:
+    """FCN-8s: FCN-16s fused map x2 + pool3 scores, then x8 (arXiv:1411.4038, section 4.2).
+
+    `at_once=True, fixed_upsampling=True` is the released FCN-8s-at-once (PAMI 2016, 67.2 VOC2012 test).
+    """
+    return FCN(num_classes, stride=8, width=width, fixed_upsampling=fixed_upsampling, at_once=at_once)

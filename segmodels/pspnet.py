@@ -32,14 +32,15 @@ class PyramidPooling(nn.Module):
     N,in,h,w -> N,2*in,h,w. Paper section 3.3, Fig. 3.
     """
 
-    def __init__(self, in_ch: int, bins: tuple[int, ...] = BINS) -> None:
+    def __init__(self, in_ch: int, bins: tuple[int, ...] = BINS, *, align_corners: bool = False) -> None:
         super().__init__()
         self.bins = bins
+        self.align_corners = align_corners
         self.branches = nn.ModuleList(conv_bn_relu(in_ch, in_ch // len(bins), 1) for _ in bins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = [
-            resize_to(branch(F.adaptive_avg_pool2d(x, b)), x.shape[-2:])
+            resize_to(branch(F.adaptive_avg_pool2d(x, b)), x.shape[-2:], align_corners=self.align_corners)
             for b, branch in zip(self.bins, self.branches, strict=True)
         ]
         return torch.cat([x, *pooled], dim=1)
@@ -54,18 +55,22 @@ class PSPNet(SegmentationModel):
     """N,3,H,W -> N,C,H,W logits in eval; {"out", "aux"} (both N,C,H,W) in training when `aux`.
 
     `count_params(model)` leaves out `aux_classifier`, which only exists for the training loss.
+    `align_corners=True` resizes as hszhao/semseg's released models do (MMSegmentation's do not).
     """
 
     arch = "pspnet"
     backbone_children = ("backbone",)
     imagenet_source = "resnet"
 
-    def __init__(self, num_classes: int, *, backbone: str = "resnet50", aux: bool = True) -> None:
+    def __init__(
+        self, num_classes: int, *, backbone: str = "resnet50", aux: bool = True, align_corners: bool = False
+    ) -> None:
         super().__init__(num_classes)
         self.backbone_name = backbone
+        self.align_corners = align_corners
         self.backbone = DilatedResNet(backbone)
         feat = self.backbone.out_channels
-        self.ppm = PyramidPooling(feat)
+        self.ppm = PyramidPooling(feat, align_corners=align_corners)
         self.classifier = classifier(2 * feat, feat // 4, num_classes)
         layer3 = self.backbone.layer3_channels
         self.aux_classifier = classifier(layer3, layer3 // 4, num_classes) if aux else None
@@ -74,13 +79,18 @@ class PSPNet(SegmentationModel):
         self.check_input(x)
         size = x.shape[-2:]
         c3, c4 = self.backbone(x)
-        out = resize_to(self.classifier(self.ppm(c4)), size)
+        out = resize_to(self.classifier(self.ppm(c4)), size, align_corners=self.align_corners)
         if self.training and self.aux_classifier is not None:
-            return {"out": out, "aux": resize_to(self.aux_classifier(c3), size)}
+            aux = resize_to(self.aux_classifier(c3), size, align_corners=self.align_corners)
+            return {"out": out, "aux": aux}
         return out
 
 
 @register_model
-def pspnet(*, num_classes: int, backbone: str = "resnet50", aux: bool = True) -> PSPNet:
-    """PSPNet (arXiv:1612.01105) on a dilated torchvision ResNet: resnet50 (paper), resnet101, resnet18/34."""
-    return PSPNet(num_classes, backbone=backbone, aux=aux)
+def pspnet(
+    *, num_classes: int, backbone: str = "resnet50", aux: bool = True, align_corners: bool = False
+) -> PSPNet:
+    """PSPNet (arXiv:1612.01105) on a dilated ResNet: resnet50 (paper), resnet101, resnet18/34 (tiny runs),
+    or the deep-stem trunks of the released models: resnet18/34/50/101_v1c (MMSegmentation),
+    resnet50_deepbase / resnet101_deepbase (hszhao/semseg)."""
+    return PSPNet(num_classes, backbone=backbone, aux=aux, align_corners=align_corners)

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ._blocks import SegmentationModel, scaled
+from ._blocks import SegmentationModel, mirror_pad, scaled
 from .registry import register_model
 
 CHANNELS = (64, 128, 256, 512, 1024)
@@ -33,18 +33,6 @@ def double_conv(in_ch: int, out_ch: int, same: bool) -> nn.Sequential:
             layers.append(nn.Conv2d(c_in, out_ch, 3))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
-
-
-def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
-    """Mirror-extend N,C,H,W by any amount (repeated reflection, unlike F.pad's pad < size limit)."""
-
-    def indices(n: int, before: int, after: int) -> torch.Tensor:
-        period = 2 * (n - 1)
-        idx = torch.arange(-before, n + after, device=x.device).remainder(period)
-        return torch.where(idx >= n, period - idx, idx)
-
-    h, w = x.shape[-2:]
-    return x.index_select(-2, indices(h, top, bottom)).index_select(-1, indices(w, left, right))
 
 
 def center_crop(x: torch.Tensor, size: torch.Size) -> torch.Tensor:

@@ -59,6 +59,11 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> tuple[list[str]
             "rebuild it with width=1.0"
         )
     expected = model.backbone_name if source_name == "resnet" else source_name
+    if source_name == "resnet" and "_" in expected:
+        raise ValueError(
+            f"{arch} backbone {expected} has a deep stem that torchvision's ImageNet ResNets lack; import "
+            "the released checkpoint with `segpipe import-weights`, or use backbone=resnet50/resnet101"
+        )
     source, target = read_state_dict(path), model.state_dict()
     if source_name == "resnet":
         mapped, used = _map_resnet(source)

@@ -75,6 +75,29 @@ def test_dilated_resnet_has_output_stride_8(name: str) -> None:
     assert (layer3.shape[1], layer4.shape[1]) == (trunk.layer3_channels, trunk.out_channels)
 
 
+@pytest.mark.parametrize(
+    ("name", "stem", "layer3_rates"),
+    [("resnet50_v1c", (32, 32, 64), (1, 2)), ("resnet50_deepbase", (64, 64, 128), (2, 2))],
+)
+def test_deep_stem_trunks(name: str, stem: tuple[int, ...], layer3_rates: tuple[int, int]) -> None:
+    with torch.device("meta"):
+        trunk = DilatedResNet(name)
+        layer3, layer4 = trunk(torch.zeros(1, 3, 96, 128))
+    assert layer3.shape[-2:] == layer4.shape[-2:] == (12, 16)
+    convs = [m for m in trunk.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == list(stem) and convs[0].stride == (2, 2)
+    assert not hasattr(trunk, "conv1") and trunk.layer1[0].conv1.in_channels == stem[-1]
+    assert (trunk.layer3[0].conv2.dilation[0], trunk.layer3[1].conv2.dilation[0]) == layer3_rates
+    assert trunk.layer4[1].conv2.dilation == (4, 4)
+
+
+def test_deep_stem_has_no_torchvision_weights(imagenet_files) -> None:
+    path, _ = imagenet_files["resnet50"]
+    model = on_meta("pspnet", backbone="resnet50_v1c")
+    with pytest.raises(ValueError, match="import-weights"):
+        segmodels.load_backbone_weights(model, path)
+
+
 def test_vgg16_into_fcn8s(imagenet_files) -> None:
     path, source = imagenet_files["vgg16"]
     model = materialised("fcn8s")

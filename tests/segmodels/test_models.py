@@ -171,6 +171,23 @@ def test_fcn_skips_start_at_zero_and_upsampling_is_bilinear() -> None:
     assert torch.allclose(row.diff(), torch.full_like(row.diff(), 0.25))
 
 
+def test_fcn_release_options_fix_upsampling_and_scale_skips() -> None:
+    plain, release = build_tiny("fcn8s"), build_tiny("fcn8s", fixed_upsampling=True, at_once=True)
+    assert plain.upscore2.weight.requires_grad and not release.upscore2.weight.requires_grad
+    assert not release.upscore_pool4.weight.requires_grad and not release.upscore8.weight.requires_grad
+    release.load_state_dict(plain.state_dict())  # same parameters: the options change behaviour only
+    seen: dict[tuple[str, str], torch.Tensor] = {}
+    x = torch.randn(1, 3, 40, 40)
+    for tag, model in (("plain", plain), ("release", release)):
+        for skip in ("score_pool4", "score_pool3"):
+            getattr(model, skip).register_forward_hook(
+                lambda m, i, o, key=(tag, skip): seen.update({key: i[0]})
+            )
+        model.eval()(x)
+    torch.testing.assert_close(seen[("release", "score_pool4")] * 100, seen[("plain", "score_pool4")])
+    torch.testing.assert_close(seen[("release", "score_pool3")] * 1e4, seen[("plain", "score_pool3")])
+
+
 def test_deconvnet_at_224_has_the_papers_1x1_fc_bottleneck() -> None:
     model = build_tiny("deconvnet").eval()
     seen = {}
