@@ -97,8 +97,9 @@ def main() -> None:
 
     work = Path(args.workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
-    # No dashboard: nothing here needs Ray's state API, and it is one process fewer on the cores measured.
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    # A fresh local instance even when another Ray runs on this machine; no dashboard: nothing here needs
+    # its state API, and it is one process fewer on the cores measured.
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     prepared: dict[str, str] = {}
     count = {"voc": args.images, "cityscapes": args.cityscapes_images}
