@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -189,7 +190,11 @@ class PreparedDataset:
         return [storage.join(self.root, rel) for rel in self._split_info(name).files]
 
     def split(self, name: str, **read_parquet_args) -> ray.data.Dataset:
-        """The split as a Ray Dataset with the columns in `COLUMNS` (read lazily, local or S3)."""
+        """The split as a Ray Dataset with the columns in `COLUMNS` (read lazily, local or S3).
+
+        `read_parquet_args` go to `ray.data.read_parquet`, e.g. `shuffle="files"` for a training feed
+        whose file order is drawn afresh at every execution (every epoch).
+        """
         import ray.data
 
         files = self.split_files(name)
@@ -207,6 +212,39 @@ class PreparedDataset:
             )
         finally:
             context.use_datasource_v2 = default
+
+    def read_rows(self, name: str, columns: Sequence[str], rows: Sequence[int] | None = None) -> pa.Table:
+        """Rows of split `name` read in this process with pyarrow (no Ray), for small reads such as one
+        worker's share of the val split. `rows`: positions in the split (its shards in manifest order,
+        rows in file order), returned in the order given; default all rows in that order."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fs, _ = storage.filesystem(self.root)
+        wanted = None if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+        pieces, offset = [], 0
+        for path in self.split_files(name):
+            shard = pq.ParquetFile(storage.fs_path(path), filesystem=fs)
+            count = shard.metadata.num_rows
+            if wanted is None:
+                pieces.append(shard.read(columns=list(columns)))
+            else:
+                local = wanted[(wanted >= offset) & (wanted < offset + count)] - offset
+                if len(local):
+                    pieces.append(shard.read(columns=list(columns)).take(local))
+            offset += count
+        if wanted is not None and len(wanted) and wanted[-1] >= offset:
+            raise IndexError(f"row {int(wanted[-1])} is past the end of split {name!r} ({offset} rows)")
+        schema = parquet_schema()
+        table = (
+            pa.concat_tables(pieces)
+            if pieces
+            else pa.schema([schema.field(c) for c in columns]).empty_table()
+        )
+        # `wanted` is sorted and unique: map the caller's order (repeats allowed) onto it.
+        return (
+            table if rows is None else table.take(np.searchsorted(wanted, np.asarray(rows, dtype=np.int64)))
+        )
 
 
 def open_prepared(path: str) -> PreparedDataset:

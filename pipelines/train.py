@@ -119,28 +119,42 @@ def resolve(cfg: TrainConfig):
     )
 
 
+def train_feed(cfg: TrainConfig, data):
+    """The train split as the Ray Dataset the workers stream: uint8 crops (+ U-Net weight maps).
+
+    The shards are read in a new random order at every execution, i.e. every epoch (`shuffle="files"`
+    draws it when the read tasks are made), and each worker's local shuffle buffer mixes the rows; unlike
+    a global `randomize_block_order`, nothing waits for the whole read before the first batch leaves.
+    """
+    from pipelines.augment import AugmentParams, augment_batch
+
+    rows_per_task = 8
+    # One block, hence one augmentation task, per 8 rows: left to itself Ray Data cuts the read into blocks
+    # of >= 1 MiB of encoded images (~17 VOC images, more when the split is large), and a task's crops only
+    # leave it when its whole block is done, so the first batch of an epoch waited for whole blocks.
+    blocks = max(1, data.manifest.splits["train"].rows // rows_per_task)
+    return data.split("train", shuffle="files", override_num_blocks=blocks).map_batches(
+        augment_batch,
+        fn_kwargs={"params": AugmentParams.from_train_config(cfg)},
+        batch_size=rows_per_task,
+        batch_format="numpy",
+    )
+
+
 def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = None):
-    """The TorchTrainer for `cfg`: augmented train split streamed to workers, val split replicated."""
+    """The TorchTrainer for `cfg`: the augmented train split streamed to the workers, split between them.
+
+    The val split is not a Ray dataset here: each worker reads and decodes only its own share of it
+    (`pipelines.train_loop.ValShard`), so validation costs the same whatever the number of workers.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.augment import AugmentParams, augment_batch, decode_batch
     from pipelines.train_loop import train_loop_per_worker
 
     # Train V2 re-routes worker prints through a logger that also echoes them: one epoch line, not two.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
-    train_ds = (
-        data.split("train")
-        .randomize_block_order()
-        .map_batches(
-            augment_batch,
-            fn_kwargs={"params": AugmentParams.from_train_config(cfg)},
-            batch_size=8,
-            batch_format="numpy",
-        )
-    )
-    val_ds = data.split("val").map_batches(decode_batch, batch_size=4, batch_format="numpy")
     iters = data.manifest.splits["train"].rows // cfg.num_workers // cfg.batch_size
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
@@ -169,7 +183,7 @@ def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = N
                 checkpoint_score_order="max",
             ),
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": train_feed(cfg, data)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 

@@ -7,18 +7,24 @@ back, then per epoch `train_one_epoch` -> `validate` (confusion matrix all-reduc
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipelines.config import TrainConfig
+
+if TYPE_CHECKING:
+    from segmodels.metrics import ConfusionMatrix
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.json"
@@ -73,18 +79,39 @@ def to_input(images: torch.Tensor, device: torch.device, cfg: TrainConfig) -> to
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
+def iter_train_batches(shard, cfg: TrainConfig, device: torch.device):
+    """This worker's augmented train batches for one epoch: image uint8 N,crop,crop,3, mask uint8 N,crop,crop.
+
+    Ray Data prepares `prefetch_batches` batches ahead in a thread while the step runs; on CUDA they are
+    pinned so the host-to-device copy is asynchronous. The local shuffle buffer mixes rows across the
+    blocks of the (file-shuffled) read.
+    """
+    return shard.iter_torch_batches(
+        batch_size=cfg.batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=4 * cfg.batch_size,
+        prefetch_batches=4,
+        pin_memory=device.type == "cuda",
+    )
+
+
 def train_one_epoch(model, optimizer, scaler, batches, cfg, device, *, iteration: int, iters_per_epoch: int):
-    """One pass over this worker's shard; returns (mean loss over all workers, images seen here, iteration)."""
+    """One pass over this worker's shard; returns (mean loss over all workers, images seen here, iteration).
+
+    The loss is summed on the device and read once, at the end: a `.item()` per step would make the host
+    wait for every step's kernels and stall the queue of the next ones.
+    """
     from segmodels.losses import segmentation_loss
 
     model.train()
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    images = 0
     for batch in batches:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * group["lr_mult"] * lr_factor(cfg, iteration, iters_per_epoch)
         x = to_input(batch["image"], device, cfg)
         target = batch["mask"].to(device, non_blocking=True).long()
-        weight = batch["weight"].to(device) if "weight" in batch else None
+        weight = batch["weight"].to(device, non_blocking=True) if "weight" in batch else None
         with autocast(cfg, device):
             output = model(x)
         output = {k: v.float() for k, v in output.items()} if isinstance(output, dict) else output.float()
@@ -93,33 +120,87 @@ def train_one_epoch(model, optimizer, scaler, batches, cfg, device, *, iteration
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=device)
+        loss_sum += loss.detach().double() * len(x)
+        images += len(x)
         iteration += 1
-    images_here = int(loss_sum[1].item())
+    totals = torch.stack([loss_sum, torch.tensor(float(images), dtype=torch.float64, device=device)])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loss_sum)
-    mean_loss = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
-    return mean_loss, images_here, iteration
+        dist.all_reduce(totals)
+    mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return mean_loss, images, iteration
+
+
+def val_batch_plan(
+    sizes: Sequence[tuple[int, int]], batch_size: int, rank: int, world: int
+) -> list[list[int]]:
+    """This rank's validation batches as row positions (sizes[i] = (height, width) of row i).
+
+    Rows of one size are batched together, so no image is padded and none sees another's border; each
+    size group is cut into batches of `batch_size` in row order, and batch k goes to rank k % world. The
+    batches themselves do not depend on `world`, so any number of workers makes the same predictions.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: (tuple(sizes[i]), i))
+    batches: list[list[int]] = []
+    for _, group in itertools.groupby(order, key=lambda i: tuple(sizes[i])):
+        rows = list(group)
+        batches += [rows[j : j + batch_size] for j in range(0, len(rows), batch_size)]
+    return batches[rank::world]
+
+
+class ValShard:
+    """One worker's share of the val split, read once (encoded bytes) and decoded batch by batch.
+
+    Only this rank's rows are decoded; the next batch is decoded in a thread while the current one runs.
+    """
+
+    def __init__(self, data, batch_size: int, rank: int, world: int):
+        from pipelines.dataset import HEIGHT, IMAGE, MASK, WIDTH
+
+        sizes = data.read_rows("val", [HEIGHT, WIDTH])
+        sizes = list(zip(sizes[HEIGHT].to_pylist(), sizes[WIDTH].to_pylist(), strict=True))
+        self.batches = val_batch_plan(sizes, batch_size, rank, world)
+        rows = data.read_rows("val", [IMAGE, MASK], [i for batch in self.batches for i in batch])
+        self.images, self.masks = rows[IMAGE].to_pylist(), rows[MASK].to_pylist()
+
+    def __iter__(self):
+        """Yields (images uint8 N,H,W,3, masks uint8 N,H,W), one size per batch."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipelines.dataset import decode_image, decode_mask
+
+        def decode(start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+            span = range(start, start + count)
+            return (
+                np.stack([decode_image(self.images[i]) for i in span]),
+                np.stack([decode_mask(self.masks[i]) for i in span]),
+            )
+
+        starts = np.cumsum([0] + [len(b) for b in self.batches])
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for start, batch in zip(starts[:-1], self.batches, strict=True):
+                ahead = pool.submit(decode, int(start), len(batch))
+                if pending is not None:
+                    yield pending.result()
+                pending = ahead
+            if pending is not None:
+                yield pending.result()
 
 
 @torch.no_grad()
-def validate(net, batches, num_classes: int, cfg: TrainConfig, device, *, rank: int, world: int):
-    """Whole-image validation on this worker's share of the val split; confusion matrix summed over workers."""
+def validate(net, batches, num_classes: int, cfg: TrainConfig, device) -> ConfusionMatrix:
+    """Whole-image validation of this worker's batches (uint8 N,H,W,3 images, N,H,W masks, one size per
+    batch); the confusion matrix is summed over all workers (FCN section 5 metrics)."""
     from segmodels.inference import predict_whole
     from segmodels.metrics import ConfusionMatrix
 
-    net.eval()
     cm = ConfusionMatrix(num_classes)
-    for i, batch in enumerate(batches):
-        if i % world != rank:
-            continue
-        for image, mask in zip(batch["image"], batch["mask"], strict=True):
-            x = to_input(torch.from_numpy(image)[None], device, cfg)
-            with autocast(cfg, device):
-                probs = predict_whole(net, x)
-            cm.update(probs.argmax(1).cpu(), torch.from_numpy(mask)[None].long())
-    cm.all_reduce_()
-    return cm
+    for images, masks in batches:
+        x = to_input(torch.from_numpy(images), device, cfg)
+        with autocast(cfg, device):
+            probs = predict_whole(net, x)
+        cm.update(probs.argmax(1), torch.from_numpy(masks))
+    return cm.all_reduce_()
 
 
 def save_checkpoint(
@@ -161,6 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipelines import tracking
+    from pipelines.dataset import open_prepared
     from segmodels import build_model
 
     cfg = TrainConfig(**config["cfg"])
@@ -201,28 +283,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     client = tracking.connect(config["tracking_uri"]) if rank == 0 else None
     iters = config["iters_per_epoch"]
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ValShard(open_prepared(cfg.data), cfg.val_batch_size, rank, world)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
-        train_batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=cfg.batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=4 * cfg.batch_size,
-        )
         loss, images, iteration = train_one_epoch(
             model,
             optimizer,
             scaler,
-            train_batches,
+            iter_train_batches(train_shard, cfg, device),
             cfg,
             device,
             iteration=iteration,
             iters_per_epoch=iters,
         )
         train_time = time.perf_counter() - started
-        val_batches = ray.train.get_dataset_shard("val").iter_batches(
-            batch_size=cfg.val_batch_size, batch_format="numpy"
-        )
-        cm = validate(net, val_batches, len(classes), cfg, device, rank=rank, world=world)
+        cm = validate(net, val_shard, len(classes), cfg, device)
         scores = cm.compute()
         metrics = {
             "epoch": epoch,
