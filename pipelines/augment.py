@@ -205,12 +205,3 @@ def augment_batch(batch: dict[str, np.ndarray], params: AugmentParams) -> dict[s
         out["weight"] = np.stack([np.asarray(unet_weight_map(m), dtype=np.float32) for m in masks])
     return out
 
-
-def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Validation UDF: decode without augmentation; sizes may differ, so arrays are object-typed."""
-    images = np.empty(len(batch["image"]), dtype=object)
-    masks = np.empty(len(batch["mask"]), dtype=object)
-    for i, (img_bytes, mask_bytes) in enumerate(zip(batch["image"], batch["mask"], strict=True)):
-        images[i] = decode_image(img_bytes)
-        masks[i] = decode_mask(mask_bytes)
-    return {"image_id": batch["image_id"], "image": images, "mask": masks}
