@@ -40,39 +40,12 @@ def reference_greedy(probs: list[list[np.ndarray]], truths: list[np.ndarray], nu
     return best[0], best[1], history
 
 
-def candidate_folder(path, classes, palette, seed: int, bias: dict[int, float]):
-    """An untrained tiny U-Net whose output bias favours some classes, so candidates differ clearly."""
-    from segmodels import IMAGENET_MEAN, IMAGENET_STD, build_model
-    from segmodels.artifact import MemberSpec, ModelSpec, save_model_dir
-
-    torch.manual_seed(seed)
-    net = build_model("unet", len(classes), width=0.125, padding="same")
-    last = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    with torch.no_grad():
-        for cls, value in bias.items():
-            last.bias[cls] += value
-    args = {"width": 0.125, "padding": "same"}
-    spec = ModelSpec(
-        name=f"cand{seed}",
-        classes=list(classes),
-        palette=[list(p) for p in palette],
-        members=[MemberSpec(arch="unet", num_classes=len(classes), weights="m.safetensors", model_args=args)],
-        ensemble_weights=[1.0],
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
-    )
-    return save_model_dir(path, spec, [net.state_dict()])
-
-
 @pytest.fixture(scope="module")
-def scored(prepared_voc, tmp_path_factory):
+def scored(prepared_voc, tmp_path_factory, make_candidate):
     root = tmp_path_factory.mktemp("shards")
     data = open_prepared(prepared_voc)
     biases = [{0: 3.0}, {0: 2.0, 7: 2.5}, {0: 1.0, 3: 2.0, 12: 2.0}]
-    folders = [
-        candidate_folder(root / f"c{i}", data.classes, data.palette, seed=i, bias=b)
-        for i, b in enumerate(biases)
-    ]
+    folders = [make_candidate(root / f"c{i}", seed=i, bias=b) for i, b in enumerate(biases)]
     shards = score_candidates(folders, data, "val", str(root / "out"), stride=2, images_per_shard=5)
     return data, shards
 
