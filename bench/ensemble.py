@@ -211,7 +211,10 @@ def run_child(args, mode: str, images: int, crf_images: int = 0) -> dict:
     cmd += ["--size", *map(str, args.size), "--num-cpus", str(args.num_cpus), "--rounds", str(args.rounds)]
     cmd += ["--crf-images", str(crf_images)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    for _ in range(3):  # on a busy machine Ray's node may miss its 30 s start-up deadline: start afresh
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if "timed out during startup" not in out.stderr:
+            break
     if out.returncode:
         raise SystemExit(f"{mode} on {images} images failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
