@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import http.client
 import json
+import logging
 import os
 import platform
 import shutil
@@ -104,10 +105,15 @@ def delay_proxy(target: str, delay_s: float) -> ThreadingHTTPServer:
             for name, value in response.getheaders():
                 if name.lower() not in ("content-length", "transfer-encoding", "connection"):
                     self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
+            # HEAD answers carry the object's size (S3 clients size their reads by it), not the empty body's.
+            size = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", size or str(len(data)))
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            try:
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up on this response
+                pass
             conn.close()
 
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
@@ -126,6 +132,7 @@ def s3_latency(src: Path, latency_ms: float, images: int, repeat: int) -> dict:
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     host, port = moto.get_host_and_port()
