@@ -84,3 +84,44 @@ def test_crf_search_runs_the_grid_and_a_finer_stage_on_a_subset(scored):
         assert result.miou_with <= result.miou_without
     else:
         assert result.miou_with > result.miou_without and result.params["iterations"] == 10
+
+
+def test_segpipe_ensemble_selects_tunes_crf_and_registers(prepared_voc, make_candidate, tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking
+    from pipelines.cli import main
+    from segmodels.artifact import load_model_dir
+
+    biases = [{0: 3.0}, {0: 2.0, 7: 2.5}]
+    folders = [str(make_candidate(tmp_path / f"c{i}", seed=i, bias=b)) for i, b in enumerate(biases)]
+    uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "result.json"
+    args = ["ensemble", "--candidates", *folders, "--data", prepared_voc, "--register-as", "shards-model"]
+    args += [
+        "--crf",
+        "--crf-images",
+        "3",
+        "--stride",
+        "2",
+        "--max-members",
+        "3",
+        "--scratch",
+        str(tmp_path / "s"),
+    ]
+    args += ["--tracking-uri", uri, "--experiment", "shards", "--json-out", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["selection_images"] == 12 and len(result["selection_history"]) == 3
+    assert result["metrics"]["miou"] >= max(result["candidates"].values()) - 1e-9
+    assert result["crf_search"]["images"] == 3 and (result["crf"] is None) == (
+        result["crf_search"]["params"] is None
+    )
+    assert result["model_uri"] == "models:/shards-model/1"
+    assert tracking.alias_version(MlflowClient(uri), "shards-model", "challenger") == "1"
+    assert not list((tmp_path / "s").rglob("*.npz"))  # the shards are scratch, removed afterwards
+
+    model = load_model_dir(tracking.download_model(result["model_uri"], uri))
+    assert model.spec.ensemble_weights == pytest.approx(result["weights"])
+    assert model.spec.metrics["val_miou"] == result["metrics"]["miou"] and model.spec.crf == result["crf"]
