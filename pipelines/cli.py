@@ -361,6 +361,19 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-members", type=int, default=5, help="selection rounds (default: 5)")
     p.add_argument("--max-images", type=int, default=0, help="select on the first N images (default: all)")
+    p.add_argument(
+        "--crf-images", type=int, default=0, help="tune the CRF on the first N images (default: all)"
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=8,
+        help="compare every Nth pixel, the networks' output stride (default: 8)",
+    )
+    p.add_argument(
+        "--scratch",
+        help="folder or s3:// prefix for the scored shards, reachable from every node (default: local temp)",
+    )
     p.add_argument("--experiment", default="segpipe", help="MLflow experiment for the ensemble run")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--json-out", help="write {model_uri, members, weights, metrics} here")
@@ -379,6 +392,9 @@ def _run_ensemble(args: argparse.Namespace) -> None:
             crf=args.crf,
             max_members=args.max_members,
             max_images=args.max_images,
+            crf_images=args.crf_images,
+            stride=args.stride,
+            scratch=args.scratch or "",
             experiment=args.experiment,
             tracking_uri=args.tracking_uri or "",
         )

@@ -194,6 +194,7 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
                 crf=cfg.crf,
                 split=cfg.split,
                 max_members=cfg.max_members,
+                scratch=storage.join(cfg.storage, f"retrain-{cfg.name}", cycle, "ensemble"),
                 tracking_uri=cfg.tracking_uri,
                 experiment=cfg.experiment,
             )

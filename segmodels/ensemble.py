@@ -6,12 +6,32 @@ FCN-8s: `Ensemble([deconvnet, fcn8s])`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from segmodels.inference import forward_probs, predict_whole
+
+
+def combine_probs(probs: Iterable, weights: Iterable[float]):
+    """sum_k w_k * p_k over members' class probabilities (tensors or arrays, each C,... or N,C,...).
+
+    The one place where members' probabilities are combined: `Ensemble` passes weights normalised to sum
+    1 (a weighted mean); ensemble selection passes integer member counts, whose argmax is the mean's.
+    `probs` may be a generator, so only one member's map and the running sum are alive at a time.
+    """
+    total = None
+    for index, (p, weight) in enumerate(zip(probs, weights, strict=True)):
+        if total is not None and p.shape != total.shape:
+            raise ValueError(
+                f"ensemble member {index} outputs shape {tuple(p.shape)} but member 0 outputs "
+                f"{tuple(total.shape)}: every member must predict the same classes at the same size"
+            )
+        total = weight * p if total is None else total + weight * p
+    if total is None:
+        raise ValueError("combine_probs needs at least one member's probabilities")
+    return total
 
 
 class Ensemble(nn.Module):
@@ -47,16 +67,7 @@ class Ensemble(nn.Module):
         self.register_buffer("weights", torch.tensor(weights) / sum(weights), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = None
-        for index, (member, weight) in enumerate(zip(self.members, self.weights, strict=True)):
-            probs = forward_probs(member, x)
-            if total is not None and probs.shape[1] != total.shape[1]:
-                raise ValueError(
-                    f"ensemble member {index} outputs {probs.shape[1]} classes but member 0 outputs "
-                    f"{total.shape[1]}: every member must predict the same classes"
-                )
-            total = weight * probs if total is None else total + weight * probs
-        return total
+        return combine_probs((forward_probs(member, x) for member in self.members), self.weights)
 
     def predict_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Averaged probabilities N,C,H,W with the members in eval mode and no grad."""

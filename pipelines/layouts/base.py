@@ -47,12 +47,16 @@ class Layout:
     classes: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
     default_splits: tuple[str, ...] = ("train", "val")
+    # The label file is a palette/grayscale PNG whose stored indices are the mask: when it passes the
+    # checks, prepare keeps its bytes instead of re-encoding the same pixels.
+    label_is_mask_png: bool = False
 
     def list_split(self, root: str, split: str) -> tuple[list[Sample], list[Rejected]]:
         raise NotImplementedError
 
     def label_to_mask(self, sample: Sample, label: bytes | None) -> np.ndarray:
-        """The sample's label file (or annotations) -> H x W uint8, values < len(classes) or 255."""
+        """The sample's label file (or annotations) -> H x W uint8 (prepare rejects values that are neither
+        < len(classes) nor 255, see `check_class_values`)."""
         raise NotImplementedError
 
 
@@ -100,13 +104,11 @@ def describe_image_error(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def check_class_values(mask: np.ndarray, num_classes: int, path: str) -> np.ndarray:
-    """Reject masks with values that are neither a class index nor 255 (ignore)."""
-    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
-    bad = [int(v) for v in present if num_classes <= v < 255]
+def check_class_values(counts: np.ndarray, num_classes: int, path: str) -> None:
+    """Reject a mask (given by its 256 value counts) with values that are neither a class index nor 255."""
+    bad = [int(v) for v in np.flatnonzero(counts) if num_classes <= v < 255]
     if bad:
         raise BadSample(f"label values {bad[:5]} are outside the classes 0-{num_classes - 1} and 255", path)
-    return mask
 
 
 def paired_samples(

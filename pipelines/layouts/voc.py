@@ -12,7 +12,6 @@ from pipelines.layouts.base import (
     Layout,
     Rejected,
     Sample,
-    check_class_values,
     decode_label_png,
     first_existing,
     paired_samples,
@@ -60,6 +59,7 @@ class Voc(Layout):
     name = "voc"
     classes = VOC_CLASSES
     palette = tuple(voc_colormap(len(VOC_CLASSES)))
+    label_is_mask_png = True
 
     def list_split(self, root: str, split: str) -> tuple[list[Sample], list[Rejected]]:
         # --root may be the folder holding VOCdevkit/, VOCdevkit/ itself or VOCdevkit/VOC2012.
@@ -74,7 +74,7 @@ class Voc(Layout):
         )
 
     def label_to_mask(self, sample: Sample, label: bytes | None) -> np.ndarray:
-        return check_class_values(decode_label_png(label, sample.label), len(self.classes), sample.label)
+        return decode_label_png(label, sample.label)
 
 
 class VocAug(Layout):
@@ -104,4 +104,4 @@ class VocAug(Layout):
             raise BadSample(
                 f"GTcls.Segmentation is not an H x W 0-255 label map: {segmentation.shape}", sample.label
             )
-        return check_class_values(segmentation.astype(np.uint8), len(self.classes), sample.label)
+        return segmentation.astype(np.uint8)

@@ -71,3 +71,40 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return Path(os.getcwd())
+
+
+@pytest.fixture(scope="session")
+def make_candidate(prepared_voc):
+    """Factory of candidate model folders for the session dataset: an untrained tiny U-Net whose output
+    bias is raised by `bias[class]`, so candidates differ clearly without training."""
+    import torch
+
+    from pipelines.dataset import open_prepared
+    from segmodels import IMAGENET_MEAN, IMAGENET_STD, build_model
+    from segmodels.artifact import MemberSpec, ModelSpec, save_model_dir
+
+    data = open_prepared(prepared_voc)
+    args = {"width": 0.125, "padding": "same"}
+
+    def make(path: Path, seed: int, bias: dict[int, float]) -> Path:
+        torch.manual_seed(seed)
+        net = build_model("unet", data.num_classes, **args)
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            for cls, value in bias.items():
+                last.bias[cls] += value
+        member = MemberSpec(
+            arch="unet", num_classes=data.num_classes, weights="m.safetensors", model_args=args
+        )
+        spec = ModelSpec(
+            name=f"candidate{seed}",
+            classes=list(data.classes),
+            palette=[list(p) for p in data.palette],
+            members=[member],
+            ensemble_weights=[1.0],
+            mean=list(IMAGENET_MEAN),
+            std=list(IMAGENET_STD),
+        )
+        return save_model_dir(path, spec, [net.state_dict()])
+
+    return make

@@ -107,6 +107,9 @@ def test_exact_rows_and_mask_round_trip(dataset, sources, tmp_path, ray_session)
                 image_bytes, mask = (expected_voc if dataset == "voc" else expected_voc_aug)(src, image_id)
             assert set(row) == set(COLUMNS)
             assert row["image"] == image_bytes  # passed through untouched
+            if dataset == "voc":  # a valid source label PNG is kept as it is, not re-encoded
+                label = src / "VOCdevkit" / "VOC2012" / "SegmentationClass" / f"{image_id}.png"
+                assert row["mask"] == label.read_bytes()
             assert np.array_equal(decode_mask(row["mask"]), mask)
             assert decode_image(row["image"]).shape == (row["height"], row["width"], 3) == (*mask.shape, 3)
             pixels += np.bincount(mask[mask != 255], minlength=prepared.num_classes)

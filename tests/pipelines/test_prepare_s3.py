@@ -3,7 +3,10 @@ then reading the prepared dataset back from the bucket."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,8 @@ from PIL import Image
 from pipelines import storage
 from pipelines.dataset import decode_mask, open_prepared
 from pipelines.errors import UserError
-from pipelines.prepare import PrepareConfig, prepare
+from pipelines.layouts import get_layout
+from pipelines.prepare import PrepareConfig, convert_batch, prepare
 from pipelines.synth import SynthConfig, synthesize
 
 BUCKET = "segpipe-test"
@@ -104,6 +108,7 @@ def test_prepare_from_s3_to_s3_and_read_back(s3, tmp_path, ray_session):
         label = np.asarray(Image.open(base / "SegmentationClass" / f"{row['image_id']}.png"))
         assert np.array_equal(decode_mask(row["mask"]), label)
         assert row["image"] == (base / "JPEGImages" / f"{row['image_id']}.jpg").read_bytes()
+        assert row["mask"] == (base / "SegmentationClass" / f"{row['image_id']}.png").read_bytes()
 
     # The fingerprint hashes content, not where it is stored: a local run over the same files agrees.
     local = prepare(
@@ -118,3 +123,54 @@ def test_missing_s3_inputs_are_user_errors(s3, tmp_path):
     with pytest.raises(UserError, match="has no manifest.json"):
         storage.write_text(f"{s3}/half/train/part-0.parquet", "x")
         open_prepared(f"{s3}/half")
+
+
+class SlowS3:
+    """A filesystem that answers like S3 (`type_name` "s3", 0.2 s per GET) from local files, and records
+    how many reads were in flight at once."""
+
+    type_name = "s3"
+
+    def __init__(self):
+        import pyarrow.fs as pafs
+
+        self.local, self.lock, self.active, self.peak, self.reads = (
+            pafs.LocalFileSystem(),
+            threading.Lock(),
+            0,
+            0,
+            0,
+        )
+
+    def open_input_stream(self, path: str):
+        with self.lock:
+            self.active, self.reads = self.active + 1, self.reads + 1
+            self.peak = max(self.peak, self.active)
+        try:
+            time.sleep(0.2)
+            return self.local.open_input_stream(path)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_s3_reads_of_a_batch_run_concurrently_and_still_quarantine(tmp_path):
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    src = synthesize(SynthConfig("voc", str(tmp_path / "src"), num_train=8, num_val=0, seed=5))
+    samples, _ = get_layout("voc").list_split(str(src), "train")
+    missing = Path(samples[3].label)
+    missing.unlink()  # its label is gone: quarantined, the others converted
+    batch = pa.Table.from_pylist([dataclasses.asdict(s) for s in samples])
+
+    fs = SlowS3()
+    started = time.perf_counter()
+    slow = convert_batch(batch, dataset="voc", fs=fs, max_side=None).to_pylist()
+    seconds = time.perf_counter() - started
+    assert fs.reads == 16 and fs.peak >= 2, (fs.reads, fs.peak)  # 8 images + 8 labels
+    assert seconds < 0.2 * fs.reads / 2  # sequential GETs would take 3 s
+    local = convert_batch(batch, dataset="voc", fs=pafs.LocalFileSystem(), max_side=None).to_pylist()
+    assert slow == local
+    assert [r["reason"] for r in slow if r["reason"]] == ["file does not exist"]
+    assert slow[3]["path"] == str(missing)
