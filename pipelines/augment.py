@@ -204,4 +204,3 @@ def augment_batch(batch: dict[str, np.ndarray], params: AugmentParams) -> dict[s
 
         out["weight"] = np.stack([np.asarray(unet_weight_map(m), dtype=np.float32) for m in masks])
     return out
-
