@@ -71,3 +71,43 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return Path(os.getcwd())
+
+
+# Random-weight networks at a sixteenth of the channels: inference plumbing does not care what they learned.
+TINY_MEMBERS = {"fcn8s": {"width": 0.0625}, "deeplab_largefov": {"width": 0.0625}}
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """Factory: a model folder (model.json + safetensors) of tiny random networks for the given classes."""
+    import torch
+
+    import segmodels
+    from segmodels.artifact import MemberSpec, ModelSpec, save_model_dir
+
+    def make(classes, palette, archs=("deeplab_largefov",), name="tiny", seed=0) -> Path:
+        members, states = [], []
+        for i, arch in enumerate(archs):
+            torch.manual_seed(seed + i)
+            net = segmodels.build_model(arch, len(classes), **TINY_MEMBERS[arch])
+            states.append(net.state_dict())
+            members.append(
+                MemberSpec(
+                    arch=arch,
+                    num_classes=len(classes),
+                    weights=f"member{i}.safetensors",
+                    model_args=TINY_MEMBERS[arch],
+                )
+            )
+        spec = ModelSpec(
+            name=name,
+            classes=list(classes),
+            palette=[list(c) for c in palette],
+            members=members,
+            ensemble_weights=[1.0] * len(archs),
+            mean=list(segmodels.IMAGENET_MEAN),
+            std=list(segmodels.IMAGENET_STD),
+        )
+        return save_model_dir(tmp_path / name, spec, states)
+
+    return make
