@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -63,6 +64,40 @@ def tiny_config(prepared_voc, mlflow_uri, tmp_path):
         return TrainConfig(**values)
 
     return make
+
+
+S3_BUCKET = "segpipe-test"
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint, monkeypatch):
+    """Point the AWS variables at moto and create an empty bucket; returns its s3:// URI."""
+    import boto3
+
+    for name, value in {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=S3_BUCKET)
+    yield f"s3://{S3_BUCKET}"
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=S3_BUCKET, Key=obj["Key"])
+    client.delete_bucket(Bucket=S3_BUCKET)
 
 
 @pytest.fixture
