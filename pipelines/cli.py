@@ -596,6 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segpipe",
         description="Semantic segmentation on Ray: prepare datasets, train, tune, ensemble, register, serve.",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's INFO logs (by default they go to Ray's log files)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -603,7 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.runtime import set_verbose
+
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
     try:
         args.run(args)
     except UserError as err:
