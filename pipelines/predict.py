@@ -204,25 +204,16 @@ def encode_output(fmt: str, image: np.ndarray, mask: np.ndarray, palette) -> byt
     from PIL import Image
 
     from pipelines.dataset import encode_mask
+    from pipelines.layouts.cityscapes import train_id_to_label_id
     from pipelines.report import blend, palette_png
 
     if fmt == "cityscapes":
-        return encode_mask(cityscapes_label_ids()[mask])
+        return encode_mask(train_id_to_label_id()[mask])
     if fmt == "overlay":
         buffer = io.BytesIO()
         Image.fromarray(blend(image, mask, palette)).save(buffer, format="PNG")
         return buffer.getvalue()
     return palette_png(mask, palette)
-
-
-def cityscapes_label_ids() -> np.ndarray:
-    """A 256-entry lookup table: train id -> label id (ignore stays 255)."""
-    from pipelines.layouts.cityscapes import TRAIN_LABELS
-
-    lut = np.full(256, 255, dtype=np.uint8)
-    for label in TRAIN_LABELS:
-        lut[label.train_id] = label.id
-    return lut
 
 
 def write_batch(batch: dict[str, np.ndarray], fs, out: str, fmt: str, palette) -> dict[str, np.ndarray]:
