@@ -344,7 +344,9 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     check_format(spec, cfg.format)
     ensure_ray()
     if cfg.num_gpus and cluster_gpus() < cfg.num_gpus:
-        raise UserError(f"--num-gpus {cfg.num_gpus} but the Ray cluster has {cluster_gpus()} GPUs")
+        raise UserError(
+            f"--num-gpus {cfg.num_gpus} but the Ray cluster has {cluster_gpus()} GPUs: add GPU nodes or drop --num-gpus"
+        )
     started = time.perf_counter()
     ds, quarantined, skipped = read_source(cfg, existing_outputs(cfg.out, cfg.format))
     written = 0
