@@ -342,6 +342,69 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     _write_json(args.json_out, {k: v for k, v in result.items() if k != "confusion"})
 
 
+# ---------------------------------------------------------------------------------------------- predict
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment a folder, s3:// prefix or prepared split and write masks (Ray Data, resumable)",
+        description="Batch inference with Ray Data: read -> decode -> model (actor pool) -> CRF -> write. "
+        "Unreadable or oversized inputs are listed in OUT/quarantine.jsonl; a re-run skips inputs whose "
+        "output exists. Formats: png (palette masks named after the inputs), overlay, parquet (image_id, "
+        "mask, height, width), voc (the VOC evaluation server's results/ layout), cityscapes (label ids, "
+        "as cityscapesScripts evaluates them).",
+    )
+    p.add_argument(
+        "--model-uri",
+        required=True,
+        help="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS or a local model folder",
+    )
+    p.add_argument(
+        "--input", required=True, help="image folder or s3:// prefix (recursive), or PREPARED:SPLIT"
+    )
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--format", default="png", choices=["png", "overlay", "parquet", "voc", "cityscapes"])
+    _add_inference_options(p)
+    p.add_argument("--batch-size", type=int, default=4, help="images per model call (default: 4)")
+    p.add_argument(
+        "--concurrency", type=int, default=0, help="model actors (default: one per GPU, or per CPU but one)"
+    )
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor (default: 0, CPU)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=50_000_000,
+        help="quarantine larger images instead of decoding them (default: 50000000)",
+    )
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--json-out", help="write {written, skipped, quarantined, seconds, images_per_s} here")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    from pipelines.predict import PredictConfig, predict
+
+    result = predict(
+        PredictConfig(
+            model_uri=args.model_uri,
+            input=args.input,
+            out=args.out,
+            format=args.format,
+            settings=_inference_settings(args),
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            num_gpus=args.num_gpus,
+            max_pixels=args.max_pixels,
+            tracking_uri=args.tracking_uri or "",
+        )
+    )
+    print(
+        f"wrote {result['written']} predictions ({result['format']}) to {result['out']} in "
+        f"{result['seconds']:.1f} s ({result['images_per_s']:.2f} img/s); skipped {result['skipped']} "
+        f"already done; quarantined {result['quarantined']} (see {result['quarantine']})"
+    )
+    _write_json(args.json_out, result)
+
+
 # ---------------------------------------------------------------------------------------------- ensemble
 def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ensemble", help="greedy ensemble selection on val mIoU, registered as 'challenger'")
@@ -607,6 +670,7 @@ COMMANDS = [
     _add_train,
     _add_tune,
     _add_evaluate,
+    _add_predict,
     _add_ensemble,
     _add_promote,
     _add_retrain,
@@ -621,6 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segpipe",
         description="Semantic segmentation on Ray: prepare datasets, train, tune, ensemble, register, serve.",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's INFO logs (by default they go to Ray's log files)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -628,7 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.runtime import set_verbose
+
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
     try:
         args.run(args)
     except UserError as err:

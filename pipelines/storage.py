@@ -123,7 +123,11 @@ def read_text(uri: str) -> str:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file. Readers never see it half written: an S3 PUT is atomic, and locally the bytes go
     to a temporary sibling that is renamed over the target."""
-    fs, path = filesystem(uri)
+    put_bytes(*filesystem(uri), data)
+
+
+def put_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """`write_bytes` on a filesystem resolved beforehand (Ray tasks get it from the driver, see above)."""
     if fs.type_name == "s3":
         with fs.open_output_stream(path) as f:
             f.write(data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from pipelines.errors import UserError
 
 DEFAULT_STORE_DIR = "mlruns"
 MODEL_ARTIFACT_PATH = "model"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+# What the pyfunc model needs at load time besides the code it carries (segmodels/, pipelines/).
+PYFUNC_REQUIREMENTS = ("torch", "safetensors", "numpy", "pillow", "pandas", "mlflow")
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -149,15 +153,29 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=todo[i : i + 100])
 
 
+def segpipe_folder(path: Path) -> Path | None:
+    """The segpipe model folder at `path`: the folder itself, or the `model` artifact of the MLflow pyfunc
+    model there (`log_model_folder`); None when neither holds a model.json."""
+    import yaml
+
+    folder = path
+    if (path / "MLmodel").is_file():
+        flavor = yaml.safe_load((path / "MLmodel").read_text())["flavors"].get("python_function", {})
+        folder = path / flavor.get("artifacts", {}).get("model", {}).get("path", ".")
+    return folder if (folder / "model.json").is_file() else None
+
+
 def download_model(uri: str, tracking_uri: str = "") -> Path:
-    """A model URI (`runs:/ID/model`, `models:/NAME/VERSION`, `models:/NAME@ALIAS` or a local folder) -> local folder."""
+    """A model URI (`runs:/ID/model`, `models:/NAME/VERSION`, `models:/NAME@ALIAS` or a local folder) -> the
+    local segpipe model folder (model.json + safetensors), unwrapped from the MLflow pyfunc model around it."""
     local = Path(uri).expanduser()
     if "://" not in uri and not uri.startswith(("runs:", "models:")):
-        if not (local / "model.json").is_file():
+        folder = segpipe_folder(local)
+        if folder is None:
             raise UserError(
                 f"model folder {local} has no model.json; pass a folder written by segpipe or an MLflow URI"
             )
-        return local
+        return folder
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -178,9 +196,77 @@ def download_model(uri: str, tracking_uri: str = "") -> Path:
         )
     except (MlflowException, OSError) as err:
         raise UserError(f"cannot fetch model {uri!r} from {client.tracking_uri}: {err}") from None
-    if not (path / "model.json").is_file():
+    folder = segpipe_folder(path)
+    if folder is None:
         raise UserError(f"{uri!r} holds no segpipe model (no model.json); did the run finish?")
-    return path
+    if folder != path:
+        # Callers own (and delete) the returned folder: hand over the segpipe folder alone.
+        unwrapped = Path(tempfile.mkdtemp(prefix="segpipe-model-"))
+        for file in folder.iterdir():
+            shutil.move(str(file), unwrapped / file.name)
+        shutil.rmtree(path, ignore_errors=True)
+        folder = unwrapped
+    return folder
+
+
+def pyfunc_requirements() -> list[str]:
+    """The installed versions of what the pyfunc model imports (local version tags such as +cpu dropped)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in PYFUNC_REQUIREMENTS]
+
+
+def pyfunc_signature():
+    """Inference options as params; inputs are left open because MLflow's schemas cannot say "a uint8
+    N,H,W,3 array or a DataFrame of encoded images", and an input schema would refuse one of the two."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
+
+    return ModelSignature(
+        params=ParamSchema([ParamSpec("scales", "double", [1.0], (-1,)), ParamSpec("flip", "boolean", False)])
+    )
+
+
+def save_pyfunc(folder: Path, dst: Path) -> Path:
+    """Wrap a segpipe model folder as an MLflow pyfunc model at `dst` (models-from-code, no pickle).
+
+    dst/MLmodel, the environment files, the code (pyfunc_model.py plus the segmodels and pipelines
+    packages it imports) and dst/artifacts/<folder name> = a copy of `folder`.
+    """
+    import warnings
+    from importlib.util import find_spec
+
+    import mlflow
+
+    packages = [Path(find_spec("segmodels").origin).parent, Path(__file__).parent]
+    with tempfile.TemporaryDirectory(prefix="segpipe-code-") as tmp:
+        # Ship the packages' sources only; byte code is the interpreter's business.
+        code = [
+            str(shutil.copytree(p, Path(tmp) / p.name, ignore=shutil.ignore_patterns("__pycache__")))
+            for p in packages
+        ]
+        with warnings.catch_warnings():
+            # MLflow suggests predict() type hints and an input example, which cannot describe two input kinds.
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(dst),
+                python_model=str(PYFUNC_CODE),
+                artifacts={"model": str(folder)},
+                code_paths=code,
+                pip_requirements=pyfunc_requirements(),
+                signature=pyfunc_signature(),
+                metadata={
+                    "segpipe.inputs": "uint8 array N,H,W,3 | DataFrame with an `image` column of bytes"
+                },
+            )
+    return dst
+
+
+def log_model_folder(client, run_id: str, folder: Path) -> str:
+    """Log a segpipe model folder to `run_id` as its `model` artifact, an MLflow pyfunc model; returns the URI."""
+    with tempfile.TemporaryDirectory(prefix="segpipe-pyfunc-") as tmp:
+        client.log_artifacts(run_id, str(save_pyfunc(folder, Path(tmp) / "model")), MODEL_ARTIFACT_PATH)
+    return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
 
 
 def model_version(client, uri: str):
@@ -213,7 +299,7 @@ def register_model_folder(
     """Log a model folder to `run_id` as its `model` artifact and register it as a new version of `name`."""
     from mlflow.exceptions import MlflowException
 
-    client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT_PATH)
+    log_model_folder(client, run_id, folder)
     try:
         client.get_registered_model(name)
     except MlflowException:

@@ -232,7 +232,7 @@ def log_final_model(client, run_id: str, checkpoint, data, cfg: TrainConfig) -> 
     spec = model_spec_from_state(state, cfg.run_name, source=f"runs:/{run_id}")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model_dir(Path(tmp) / "model", spec, [weights])
-        client.log_artifacts(run_id, str(model_dir), tracking.MODEL_ARTIFACT_PATH)
+        tracking.log_model_folder(client, run_id, model_dir)
         log_overlays(client, run_id, model_dir, data, cfg.num_overlays, Path(tmp))
     client.log_figure(
         run_id, confusion_figure(np.asarray(state["confusion"]), state["classes"]), "confusion_matrix.png"

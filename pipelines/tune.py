@@ -31,6 +31,7 @@ from typing import Any
 from pipelines import tracking
 from pipelines.config import TrainConfig, make_config, read_yaml
 from pipelines.errors import UserError
+from pipelines.runtime import tune_verbosity
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 
@@ -227,7 +228,7 @@ def _tuner(search: SearchConfig, a: ArchSearch, *, parent_run_id: str, storage: 
             num_samples=search.num_samples,
             max_concurrent_trials=search.max_concurrent,
         ),
-        run_config=tune.RunConfig(name=tune_name, storage_path=storage),
+        run_config=tune.RunConfig(name=tune_name, storage_path=storage, verbose=tune_verbosity()),
     )
 
 

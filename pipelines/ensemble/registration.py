@@ -58,7 +58,6 @@ def register_ensemble(
             tracking.set_alias(client, register_as, "challenger", version.version)
             model_uri = f"models:/{register_as}/{version.version}"
         else:
-            client.log_artifacts(run_id, str(folder), tracking.MODEL_ARTIFACT_PATH)
-            model_uri = f"runs:/{run_id}/{tracking.MODEL_ARTIFACT_PATH}"
+            model_uri = tracking.log_model_folder(client, run_id, folder)
     client.set_terminated(run_id, status="FINISHED")
     return model_uri, run_id

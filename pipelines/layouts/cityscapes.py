@@ -76,6 +76,14 @@ def label_id_to_train_id() -> np.ndarray:
     return lut
 
 
+def train_id_to_label_id() -> np.ndarray:
+    """A 256-entry lookup table: train id -> label id, for predictions in the benchmark's label ids."""
+    lut = np.full(256, 255, dtype=np.uint8)
+    for lab in TRAIN_LABELS:
+        lut[lab.train_id] = lab.id
+    return lut
+
+
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -65,6 +66,40 @@ def tiny_config(prepared_voc, mlflow_uri, tmp_path):
     return make
 
 
+S3_BUCKET = "segpipe-test"
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint, monkeypatch):
+    """Point the AWS variables at moto and create an empty bucket; returns its s3:// URI."""
+    import boto3
+
+    for name, value in {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=S3_BUCKET)
+    yield f"s3://{S3_BUCKET}"
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=S3_BUCKET, Key=obj["Key"])
+    client.delete_bucket(Bucket=S3_BUCKET)
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run the test from tmp_path, so the embedded defaults (./mlruns, ./ray_results) land there."""
@@ -106,5 +141,45 @@ def make_candidate(prepared_voc):
             std=list(IMAGENET_STD),
         )
         return save_model_dir(path, spec, [net.state_dict()])
+
+    return make
+
+
+# Random-weight networks at a sixteenth of the channels: inference plumbing does not care what they learned.
+TINY_MEMBERS = {"fcn8s": {"width": 0.0625}, "deeplab_largefov": {"width": 0.0625}}
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """Factory: a model folder (model.json + safetensors) of tiny random networks for the given classes."""
+    import torch
+
+    import segmodels
+    from segmodels.artifact import MemberSpec, ModelSpec, save_model_dir
+
+    def make(classes, palette, archs=("deeplab_largefov",), name="tiny", seed=0) -> Path:
+        members, states = [], []
+        for i, arch in enumerate(archs):
+            torch.manual_seed(seed + i)
+            net = segmodels.build_model(arch, len(classes), **TINY_MEMBERS[arch])
+            states.append(net.state_dict())
+            members.append(
+                MemberSpec(
+                    arch=arch,
+                    num_classes=len(classes),
+                    weights=f"member{i}.safetensors",
+                    model_args=TINY_MEMBERS[arch],
+                )
+            )
+        spec = ModelSpec(
+            name=name,
+            classes=list(classes),
+            palette=[list(c) for c in palette],
+            members=members,
+            ensemble_weights=[1.0] * len(archs),
+            mean=list(segmodels.IMAGENET_MEAN),
+            std=list(segmodels.IMAGENET_STD),
+        )
+        return save_model_dir(tmp_path / name, spec, states)
 
     return make

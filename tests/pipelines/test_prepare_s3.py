@@ -4,7 +4,6 @@ then reading the prepared dataset back from the bucket."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 import time
 from pathlib import Path
@@ -21,37 +20,6 @@ from pipelines.prepare import PrepareConfig, convert_batch, prepare
 from pipelines.synth import SynthConfig, synthesize
 
 BUCKET = "segpipe-test"
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(moto_endpoint, monkeypatch):
-    """Point the AWS variables at moto and create an empty bucket; returns its s3:// URI."""
-    import boto3
-
-    for name, value in {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    yield f"s3://{BUCKET}"
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-        for obj in page.get("Contents", []):
-            client.delete_object(Bucket=BUCKET, Key=obj["Key"])
-    client.delete_bucket(Bucket=BUCKET)
 
 
 def upload(local: Path, uri: str) -> None:

@@ -62,9 +62,11 @@ def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp
 
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"model", "overlays", "confusion_matrix.png"} <= names
-    assert {a.path for a in client.list_artifacts(result.run_id, "model")} == {
-        "model/model.json",
-        "model/member0.safetensors",
+    # An MLflow pyfunc model wrapping the segpipe folder (model.json + weights) as its artifact.
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(result.run_id, "model")}
+    assert {a.path for a in client.list_artifacts(result.run_id, "model/artifacts/model")} == {
+        "model/artifacts/model/model.json",
+        "model/artifacts/model/member0.safetensors",
     }
     assert len(client.list_artifacts(result.run_id, "overlays")) == 2
 
