@@ -171,6 +171,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pretrained", help="local torchvision ImageNet state dict (.safetensors or .pth) for the backbone"
     )
+    p.add_argument(
+        "--init-from",
+        metavar="URI",
+        help="model folder, runs:/RUN_ID/model or models:/NAME/VERSION|@ALIAS: copy its tensors that match "
+        "by name and shape before training (e.g. fcn16s from a trained fcn32s); not applied on resume",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per worker per step")
     p.add_argument("--crop", type=int, help="training crop size in pixels")
@@ -204,6 +210,7 @@ def _run_train(args: argparse.Namespace) -> None:
         model=args.model,
         data=args.data,
         pretrained=args.pretrained,
+        init_from=args.init_from,
         epochs=args.epochs,
         batch_size=args.batch_size,
         crop=args.crop,

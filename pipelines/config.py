@@ -27,6 +27,7 @@ class TrainConfig:
     data: str = ""
     model_args: dict[str, Any] = field(default_factory=dict)
     pretrained: str = ""  # local torchvision ImageNet state dict (.safetensors/.pth) for the backbone
+    init_from: str = ""  # model folder or runs:/, models:/ URI whose matching tensors start the model
     # Optimisation (paper recipes live in pipelines/configs/).
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.01
@@ -43,6 +44,7 @@ class TrainConfig:
     batch_size: int = 8
     aux_weight: float = 0.4
     pixel_weight: str = "none"  # none | unet (U-Net border weight map, w0=10, sigma=5)
+    loss_border: int = 0  # crop pixels per side left out of the loss (U-Net overlap-tile training: 92)
     # Augmentation (applied in Ray Data map_batches, per epoch).
     crop: int = 321
     scale_min: float = 0.5
@@ -88,6 +90,11 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= 2 * self.loss_border < self.crop:
+            raise UserError(
+                f"loss_border={self.loss_border} must be >= 0 and leave part of the {self.crop}-pixel crop "
+                f"(2 x loss_border < crop); U-Net's 572 tile uses 92"
+            )
         if not 0 < self.scale_min <= self.scale_max:
             raise UserError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
 
@@ -138,7 +145,8 @@ SYNONYMS = {
 
 
 def make_config(cls: type, values: dict[str, Any], *, source: str = "config") -> Any:
-    """Build frozen dataclass `cls` from a flat dict, rejecting unknown keys with a did-you-mean hint."""
+    """Build frozen dataclass `cls` from a flat dict, rejecting unknown keys (with a did-you-mean hint) and
+    missing required keys, naming `source` (the file)."""
     hints = get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
@@ -148,6 +156,17 @@ def make_config(cls: type, values: dict[str, Any], *, source: str = "config") ->
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise UserError(
             f"{source}: unknown key(s) {', '.join(unknown)}{suggestion}; valid keys: {', '.join(sorted(known))}"
+        )
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise UserError(
+            f"{source}: missing required key(s) {', '.join(missing)}; add them (key: value) to the file"
         )
     return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 

@@ -112,8 +112,20 @@ def resolve(cfg: TrainConfig):
     run_name = cfg.run_name or f"{cfg.model}-{data.manifest.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = check_storage(cfg.storage or default_storage())
     model_args = {k: v for k, v in cfg.model_args.items() if k != "num_classes"}
+    init_from = cfg.init_from
+    if init_from:
+        from pipelines.init_from import check_init_from
+
+        init_from = check_init_from(replace(cfg, model_args=model_args), data.num_classes, uri)
     return (
-        replace(cfg, run_name=run_name, storage=storage, tracking_uri=uri, model_args=model_args),
+        replace(
+            cfg,
+            run_name=run_name,
+            storage=storage,
+            tracking_uri=uri,
+            model_args=model_args,
+            init_from=init_from,
+        ),
         data,
         uri,
     )

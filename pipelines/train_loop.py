@@ -115,7 +115,9 @@ def train_one_epoch(model, optimizer, scaler, batches, cfg, device, *, iteration
         with autocast(cfg, device):
             output = model(x)
         output = {k: v.float() for k, v in output.items()} if isinstance(output, dict) else output.float()
-        loss = segmentation_loss(output, target, aux_weight=cfg.aux_weight, pixel_weight=weight)
+        loss = segmentation_loss(
+            output, target, aux_weight=cfg.aux_weight, pixel_weight=weight, border=cfg.loss_border
+        )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -235,6 +237,16 @@ def load_checkpoint(folder: Path, net, optimizer, scaler, device) -> dict[str, A
     return json.loads((folder / STATE_FILE).read_text())
 
 
+def init_from(model, cfg: TrainConfig, config: dict[str, Any], rank: int) -> None:
+    """`--init-from`: matching tensors of the source model replace the fresh init; rank 0 logs the report."""
+    from pipelines.init_from import apply_init_from
+
+    run_id = config["run_id"] if rank == 0 else None
+    report = apply_init_from(model, cfg.init_from, tracking_uri=config["tracking_uri"], run_id=run_id)
+    if rank == 0:
+        print(f"[segpipe] initialised {len(report.copied)} tensors from {cfg.init_from}")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: {"cfg": TrainConfig dict, "classes", "palette", "run_id",
     "tracking_uri", "iters_per_epoch", "fingerprint"}."""
@@ -259,6 +271,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from segmodels import load_backbone_weights
 
         load_backbone_weights(model, cfg.pretrained)
+    if cfg.init_from and ray.train.get_checkpoint() is None:
+        init_from(model, cfg, config, rank)
     if cfg.sync_bn and cfg.use_gpu and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:

@@ -109,12 +109,23 @@ class VGG16Features(nn.Sequential):
         layers, ends = list(self), [i + 1 for i in self.pool_indices]
         return [nn.Sequential(*layers[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
+    def pool_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """N,3,H,W -> [pool1, ..., pool5], the outputs of the five stages (for skip and side branches)."""
+        outputs = []
+        for stage in self.stages():
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
 
 def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
     """Mirror-extend N,C,H,W by any amount (repeated reflection without repeating the edge, as OpenCV's
-    BORDER_REFLECT_101; unlike F.pad's pad < size limit)."""
+    BORDER_REFLECT_101; unlike F.pad's pad < size limit). A side of length 1 has nothing to reflect
+    (period 0), so it is repeated."""
 
     def indices(n: int, before: int, after: int) -> torch.Tensor:
+        if n == 1:
+            return torch.zeros(before + 1 + after, dtype=torch.long, device=x.device)
         period = 2 * (n - 1)
         idx = torch.arange(-before, n + after, device=x.device).remainder(period)
         return torch.where(idx >= n, period - idx, idx)
@@ -128,13 +139,16 @@ def fc_block(
     out_ch: int,
     kernel: int,
     *,
+    stride: int = 1,
     dilation: int = 1,
     padding: int = 0,
     dropout: bool = True,
     batch_norm: bool = False,
 ) -> nn.Sequential:
     """fc6/fc7 as a convolution (index 0, where ImageNet's classifier Linear weights are mapped) + ReLU."""
-    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, kernel, padding=padding, dilation=dilation)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation)
+    ]
     if batch_norm:
         layers.append(nn.BatchNorm2d(out_ch))
     layers.append(nn.ReLU(inplace=True))

@@ -73,7 +73,7 @@ class FCN(SegmentationModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         size = x.shape[-2:]
-        *_, pool3, pool4, pool5 = _run_stages(self.features, x)
+        *_, pool3, pool4, pool5 = self.features.pool_outputs(x)
         score = self.score_fr(self.fc7(self.fc6(pool5)))
         if self.stride == 32:
             return crop(self.upscore(score), 19, size)
@@ -84,15 +84,6 @@ class FCN(SegmentationModel):
         up = self.upscore_pool4(score)
         score = up + crop(self.score_pool3(pool3 * self.pool3_scale), 9, up.shape[-2:])
         return crop(self.upscore8(score), 31, size)
-
-
-def _run_stages(features: VGG16Features, x: torch.Tensor) -> list[torch.Tensor]:
-    """pool1..pool5 of the VGG trunk."""
-    outputs = []
-    for stage in features.stages():
-        x = stage(x)
-        outputs.append(x)
-    return outputs
 
 
 @register_model

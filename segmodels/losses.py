@@ -24,6 +24,7 @@ def segmentation_loss(
     class_weight: torch.Tensor | Sequence[float] | None = None,
     pixel_weight: torch.Tensor | None = None,
     ignore_index: int = 255,
+    border: int = 0,
 ) -> torch.Tensor:
     """Softmax cross entropy averaged over the non-ignored pixels; plus `aux_weight` x the aux-head loss.
 
@@ -32,7 +33,11 @@ def segmentation_loss(
     class_weight: C weights; pixel_weight: N,H,W weights (e.g. `unet_weight_map`). The mean is weighted:
     sum(w * ce) / sum(w) over non-ignored pixels with w = class_weight[target] * pixel_weight, so scaling
     every weight by a constant changes nothing. A batch with no labelled pixel gives 0, not NaN.
+    border: pixels this close to the crop's edge are ignored. U-Net's overlap-tile training (section 2)
+    scores only the valid centre of a tile (a 572 tile trains its 388 centre): border=`unet.VALID_MARGIN`.
     """
+    if border:
+        target = valid_centre(target, border, ignore_index)
     if isinstance(output, Mapping):
         loss = _cross_entropy(output["out"], target, class_weight, pixel_weight, ignore_index)
         if "aux" in output and aux_weight:
@@ -41,6 +46,21 @@ def segmentation_loss(
             )
         return loss
     return _cross_entropy(output, target, class_weight, pixel_weight, ignore_index)
+
+
+def valid_centre(target: torch.Tensor, border: int, ignore_index: int = 255) -> torch.Tensor:
+    """A copy of N,H,W `target` with `border` pixels on each side set to `ignore_index`."""
+    height, width = target.shape[-2:]
+    if border < 0 or 2 * border >= min(height, width):
+        raise ValueError(
+            f"loss border {border} leaves nothing of a {height}x{width} crop: use a border >= 0 and "
+            f"below half the crop side ({min(height, width) // 2}), or a larger crop"
+        )
+    centre = torch.full_like(target, ignore_index)
+    centre[..., border : height - border, border : width - border] = target[
+        ..., border : height - border, border : width - border
+    ]
+    return centre
 
 
 def _cross_entropy(logits, target, class_weight, pixel_weight, ignore_index) -> torch.Tensor:

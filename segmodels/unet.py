@@ -3,8 +3,11 @@ MICCAI 2015 (arXiv:1505.04597).
 
 `padding="valid"` (default) is the paper's network: unpadded 3x3 convs, so a 572x572 tile gives a 388x388
 map (92 px of context lost on each side). To return logits for every pixel of any H x W, the input is
-mirror-extended (the paper's overlap-tile border extrapolation, section 2) by 92 px at the top/left and
+mirror-extended (the paper's overlap-tile border extrapolation, section 2) by 96 px at the top/left and
 enough at the bottom/right to reach the next valid tile size, and the output is cropped to H x W.
+96 = 92 rounded up to the 16-px pooling period: the image then sits at the pooling phase of the paper's
+tile, so the valid centre of a 572 crop (what the overlap-tile loss scores, `segmentation_loss(border=92)`)
+is exactly the paper's 388 output of that crop and never depends on the mirrored border.
 `padding="same"` uses padded convs + batch norm (a common modern variant); the input is mirrored up to a
 multiple of 16.
 """
@@ -21,6 +24,7 @@ from .registry import register_model
 
 CHANNELS = (64, 128, 256, 512, 1024)
 VALID_MARGIN = 92  # context lost per side by the valid convolutions (572 -> 388)
+TILE_OFFSET = 96  # where the image starts in the mirrored tile: VALID_MARGIN rounded up to a multiple of 16
 
 
 def double_conv(in_ch: int, out_ch: int, same: bool) -> nn.Sequential:
@@ -83,13 +87,15 @@ class UNet(SegmentationModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         height, width = x.shape[-2:]
+        shift = 0  # where the image's logits start in the output
         if self.padding == "valid":
+            shift = TILE_OFFSET - VALID_MARGIN
             x = mirror_pad(
                 x,
-                VALID_MARGIN,
-                valid_input(height) - height - VALID_MARGIN,
-                VALID_MARGIN,
-                valid_input(width) - width - VALID_MARGIN,
+                TILE_OFFSET,
+                valid_input(height + shift) - height - TILE_OFFSET,
+                TILE_OFFSET,
+                valid_input(width + shift) - width - TILE_OFFSET,
             )
         else:
             x = mirror_pad(x, 0, -height % 16, 0, -width % 16)
@@ -103,7 +109,7 @@ class UNet(SegmentationModel):
         for up, block, skip in zip(self.up, self.up_convs, reversed(skips), strict=True):
             x = up(x)
             x = block(torch.cat([center_crop(skip, x.shape[-2:]), x], dim=1))
-        return self.final(x)[..., :height, :width]
+        return self.final(x)[..., shift : shift + height, shift : shift + width]
 
 
 def valid_input(size: int) -> int:

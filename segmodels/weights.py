@@ -9,6 +9,8 @@ connected fc6/fc7 (`classifier.0`, `classifier.3`) become the 7x7 / 1x1 convolut
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -94,6 +96,43 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> tuple[list[str]
         )
     model.load_state_dict(mapped, strict=False)
     return [k for k in target if k not in mapped], [k for k in source if k not in used]
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """What initialising one model from another did, by tensor name (see `match_tensors`)."""
+
+    copied: list[str]  # same name and shape in both: taken from the source
+    skipped: list[str]  # same name, different shape (e.g. a score layer for other classes): own init kept
+    kept: list[str]  # not in the source at all (new layers, e.g. FCN-16s score_pool4): own init kept
+    unused: list[str]  # source tensors the model has no place for
+
+    def to_json(self) -> dict[str, list[str]]:
+        return asdict(self)
+
+
+def match_tensors(target: Mapping[str, Sequence[int]], source: Mapping[str, Sequence[int]]) -> InitReport:
+    """Compare two {name: shape} maps: which target tensors a source can initialise (FCN section 4.2)."""
+    copied = [k for k in target if k in source and tuple(source[k]) == tuple(target[k])]
+    skipped = [k for k in target if k in source and tuple(source[k]) != tuple(target[k])]
+    return InitReport(
+        copied=copied,
+        skipped=skipped,
+        kept=[k for k in target if k not in source],
+        unused=[k for k in source if k not in target],
+    )
+
+
+def copy_matching(model: nn.Module, source: Mapping[str, torch.Tensor]) -> InitReport:
+    """Copy every tensor of `source` whose name and shape match into `model`; the rest keep their init.
+
+    How FCN-16s starts from a trained FCN-32s and FCN-8s from FCN-16s (FCN section 4.2): all shared
+    layers carry over, the new score layers stay as built (zero).
+    """
+    target = model.state_dict()
+    report = match_tensors({k: v.shape for k, v in target.items()}, {k: v.shape for k, v in source.items()})
+    model.load_state_dict({k: source[k] for k in report.copied}, strict=False)
+    return report
 
 
 def _map_resnet(source: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:

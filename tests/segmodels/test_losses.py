@@ -41,6 +41,18 @@ def test_ignored_pixels_do_not_contribute(batch):
     assert segmentation_loss(changed, target).item() == pytest.approx(loss.item(), rel=1e-7)
 
 
+def test_border_scores_only_the_valid_centre(batch):
+    logits, target = batch
+    centre = segmentation_loss(logits[..., 1:-1, 1:-1], target[..., 1:-1, 1:-1])
+    assert segmentation_loss(logits, target, border=1).item() == pytest.approx(centre.item(), rel=1e-6)
+    both = segmentation_loss({"out": logits, "aux": logits.flip(1)}, target, aux_weight=0.5, border=1)
+    aux = segmentation_loss(logits.flip(1)[..., 1:-1, 1:-1], target[..., 1:-1, 1:-1])
+    assert both.item() == pytest.approx(centre.item() + 0.5 * aux.item(), rel=1e-6)
+    assert torch.equal(target[:, 2:, 3], batch[1][:, 2:, 3])  # the caller's target is left untouched
+    with pytest.raises(ValueError, match="loss border 3 leaves nothing of a 6x7 crop"):
+        segmentation_loss(logits, target, border=3)
+
+
 def test_aux_output_is_added_with_its_weight(batch):
     logits, target = batch
     aux = logits.flip(1)

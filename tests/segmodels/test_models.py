@@ -10,7 +10,7 @@ import segmodels
 from segmodels._blocks import bilinear_upsampling
 from segmodels.complexity import count_gmacs, count_params
 from segmodels.dilation import ContextModule
-from segmodels.unet import mirror_pad, valid_input
+from segmodels.unet import VALID_MARGIN, mirror_pad, valid_input
 
 # Tiny instances of the same architectures for CPU tests.
 TINY = {name: {"width": 1 / 16} for name in segmodels.MODELS} | {"pspnet": {"backbone": "resnet18"}}
@@ -217,6 +217,63 @@ def test_mirror_pad_extends_beyond_the_image_size() -> None:
     assert torch.equal(mirror_pad(x, 3, 4, 2, 5), torch.nn.functional.pad(x, (2, 5, 3, 4), mode="reflect"))
     rows = mirror_pad(torch.arange(4.0).view(1, 1, 4, 1).repeat(1, 1, 1, 2), 7, 7, 0, 0)[0, 0, :, 0].tolist()
     assert rows == [1, 0, 1, 2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1, 2, 3, 2]
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_unet_takes_a_one_pixel_side(padding: str) -> None:
+    model = build_tiny("unet", in_channels=1, padding=padding).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 1, 9)).shape == (1, NUM_CLASSES, 1, 9)
+        assert model(torch.randn(1, 1, 7, 1)).shape == (1, NUM_CLASSES, 7, 1)
+    assert torch.equal(mirror_pad(torch.tensor([[[[4.0]]]]), 2, 1, 0, 3), torch.full((1, 1, 4, 4), 4.0))
+
+
+def test_unet_valid_centre_sees_only_the_crop() -> None:
+    """On a valid tile (16k + 124) the centre the overlap-tile loss keeps never sees the mirrored border."""
+    model = build_tiny("unet", in_channels=1).eval().double()
+    image = torch.randn(1, 1, 240, 236, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    side = valid_input(20)  # 204 -> a 20 x 20 valid centre
+    crop = image[..., 32 : 32 + side, 16 : 16 + side]  # offsets multiple of 16: the same pooling phase
+    with torch.no_grad():
+        whole, cropped = model(image), model(crop)
+    m = VALID_MARGIN
+    centre = whole[..., 32 + m : 32 + side - m, 16 + m : 16 + side - m]
+    assert torch.allclose(cropped[..., m:-m, m:-m], centre, rtol=0, atol=1e-9)
+    assert not torch.allclose(cropped[..., :m, :m], whole[..., 32 : 32 + m, 16 : 16 + m], atol=1e-3)
+
+
+def test_deeplab_msc_parameters_follow_the_layer_definitions() -> None:
+    """Five branches (input, pool1..pool4): 3x3 conv to 128, 1x1 to 128, 1x1 to C, each with biases."""
+    classes, hidden = 21, 128
+    per_branch = [
+        c * 9 * hidden + hidden + hidden * hidden + hidden + hidden * classes + classes
+        for c in (3, 64, 128, 256, 512)
+    ]
+    plain, msc = build_meta("deeplab_largefov", classes), build_meta("deeplab_largefov", classes, msc=True)
+    assert count_params(msc) - count_params(plain) == sum(per_branch)
+
+
+def test_deeplab_msc_shape_backward_and_sum_with_fc8() -> None:
+    model = build_tiny("deeplab_largefov", msc=True)
+    assert list(model.multiscale) == ["data", "pool1", "pool2", "pool3", "pool4"]
+    x = torch.randn(2, 3, 97, 131)
+    out = model.train()(x)
+    assert out.shape == (2, NUM_CLASSES, 97, 131)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.multiscale.parameters())
+    assert set(model.multiscale.parameters()) <= set(model.param_groups()["head"])
+
+    plain = build_tiny("deeplab_largefov").eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("multiscale.")})
+    with torch.no_grad():
+        model.eval()
+        assert not torch.allclose(model(x), plain(x))
+        for branch in model.multiscale.values():
+            branch[-1].weight.zero_()
+            branch[-1].bias.zero_()
+        assert torch.equal(model(x), plain(x))  # the branches only add to fc8's scores
+    with pytest.raises(ValueError, match="msc=True needs ceil_mode=False"):
+        build_meta("deeplab_largefov", msc=True, ceil_mode=True)
 
 
 @pytest.mark.parametrize("name", ["deeplab_largefov", "dilation"])
