@@ -5,8 +5,9 @@
 
 Modules, one concern each: `config` (ServeConfig, app args, runtime knobs), `refs` (model URIs),
 `uploads` (body limits and safe decoding), `model` (the model deployment), `crf` (the CRF pool),
-`render` (answers), `ingress` (HTTP routes and errors), `proxy` (JSON errors from Serve's proxy),
-`server` (the application and its lifecycle). `pipelines.serve:app` is the Serve args builder.
+`render` (answers), `ingress` (HTTP routes and errors), `server` (the application and its lifecycle).
+`pipelines.serve_proxy` (JSON errors from Serve's own proxy) lives outside the package so that the proxy,
+which imports it at start-up, does not import the application. `pipelines.serve:app` is the Serve args builder.
 """
 
 from pipelines.serve.config import APP_NAME, ServeConfig, config_from_args

@@ -18,8 +18,8 @@ from pipelines.serve.config import APP_NAME, ServeConfig, config_from_args
 from pipelines.serve.crf import CRFRefiner
 from pipelines.serve.ingress import SegmentationIngress
 from pipelines.serve.model import SegmentationModel
-from pipelines.serve.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from pipelines.serve.refs import is_local_folder, resolve_model
+from pipelines.serve_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 # The proxy gives up this long after the app's own timeout, so clients normally get the app's JSON 504.
 PROXY_TIMEOUT_MARGIN_S = 5.0

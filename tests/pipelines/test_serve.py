@@ -47,10 +47,10 @@ from pipelines.serve import (
     start_server,
     stop_server,
 )
-from pipelines.serve.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from pipelines.serve.refs import ModelRef
 from pipelines.serve.render import Dense
 from pipelines.serve.uploads import ApiError, decode_upload
+from pipelines.serve_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from segmodels.artifact import MemberSpec, ModelSpec, load_model_dir, read_spec, save_model_dir
 
 # The tests shorten Serve's autoscaling metrics interval, a field Serve has deprecated but still honours.
@@ -377,9 +377,9 @@ def running_replicas(deployment: str, app: str = APP_NAME) -> int:
     from ray import serve
     from ray.serve._private.common import ReplicaState
 
-    return (
-        serve.status().applications[app].deployments[deployment].replica_states.get(ReplicaState.RUNNING, 0)
-    )
+    status = serve.status().applications.get(app)  # absent, or without deployments, while it builds
+    deployment_status = status.deployments.get(deployment) if status else None
+    return deployment_status.replica_states.get(ReplicaState.RUNNING, 0) if deployment_status else 0
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
@@ -668,7 +668,7 @@ def test_runtime_knobs_change_without_restarting_replicas(endpoint):
     folder = tiny_model(endpoint["root"] / "knobs", ["fcn8s"])
     declare("knobs", folder, {"max_batch_size": 8, "batch_wait_timeout_s": 0.005})
     try:
-        wait_until(lambda: running_replicas("SegmentationModel", "knobs") == 1, 120, "the knobs app to run")
+        wait_until(lambda: running_replicas("SegmentationModel", "knobs") == 1, 300, "the knobs app to run")
         handle = serve.get_deployment_handle("SegmentationModel", app_name="knobs")
         before = handle.describe.remote().result()
         assert (before["max_batch_size"], before["batch_wait_timeout_s"]) == (8, 0.005)
@@ -728,7 +728,8 @@ def test_killing_the_model_replica_under_load_fails_no_request(endpoint):
         failed = [(status, text) for status, text in results if status != 200]
         # No request hangs (status 0 would be a client timeout); any failure is a 503 JSON, <= 1% of them.
         assert all(
-            status == 503 and json.loads(text)["error"] == "replica_lost" for status, text in failed
+            status == 503 and json.loads(text)["error"] in ("replica_lost", "overloaded")
+            for status, text in failed
         ), failed
         assert len(failed) <= 0.01 * len(results), (len(failed), len(results))
         assert_serves(url)

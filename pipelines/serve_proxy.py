@@ -5,6 +5,8 @@ and wraps itself in the Starlette middlewares it returns. `JsonProxyErrors` rewr
 error bodies into the endpoint's `{"error", "detail"}` JSON; the application's answers (never plain text)
 pass through untouched. Ray's processes read the variable from their environment: `start_server` sets it
 before starting Ray; on a cluster, cluster/kuberay/segpipe-env.yaml sets it for every Ray container.
+It is a module of its own, outside `pipelines.serve`, so the proxy imports only this (json and Starlette),
+not the application: the proxy must pass Serve's 5-second readiness check even on a busy node.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_CALLBACK = "pipelines.serve.proxy.middlewares"
+PROXY_CALLBACK = "pipelines.serve_proxy.middlewares"
 ERROR_CODES = {408: "timeout", 429: "overloaded", 500: "internal", 503: "overloaded"}
 
 
