@@ -9,7 +9,7 @@ one uvicorn process (decode, forward, max over classes, PNG; dense CRF for the C
 core; Serve runs one model replica with the same torch threads. They are measured one after the other in
 one run, at concurrency 1, 8 and 32 (closed-loop clients). Models: FCN-8s width 0.25, DeepLab-LargeFOV
 width 0.5, the two as an ensemble, and the ensemble with the CRF. The soak sends `--soak` requests at
-concurrency 16 to the ensemble and kills the model replica halfway: Serve must replace it, no request may
+concurrency 16 to the last case (put `ensemble` last) and kills the model replica halfway: Serve must replace it, no request may
 hang, and failures (503 JSON) must stay <= 1%.
 """
 
@@ -42,8 +42,8 @@ MEMBERS = {"fcn8s": ("fcn8s", {"width": 0.25}), "deeplab": ("deeplab_largefov", 
 CASES = {
     "fcn8s": (["fcn8s"], False),
     "deeplab": (["deeplab"], False),
-    "ensemble": (["fcn8s", "deeplab"], False),
     "ensemble_crf": (["fcn8s", "deeplab"], True),
+    "ensemble": (["fcn8s", "deeplab"], False),
 }
 
 
@@ -212,13 +212,13 @@ def soak(url: str, data: bytes, total: int, concurrency: int, kill_at: int | Non
 
 def kill_model_replica() -> None:
     import ray
-    from ray.util.state import list_actors
 
-    (actor, *_) = list_actors(
-        filters=[("class_name", "=", "ServeReplica:segpipe:SegmentationModel"), ("state", "=", "ALIVE")]
-    )
-    ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
-    print(f"killed {actor.name}", flush=True)
+    prefix = "SERVE_REPLICA::segpipe#SegmentationModel#"
+    (name, *_) = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)
+    ]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    print(f"killed {name}", flush=True)
 
 
 def free_port() -> int:
@@ -265,7 +265,7 @@ def measure(args, workdir: Path, data: bytes) -> dict:
             for c in CONCURRENCY:
                 result[f"{case}_serve_c{c}"] = closed_loop(url, data, c, args.seconds)
                 print(case, "serve", c, result[f"{case}_serve_c{c}"], flush=True)
-            if case == "ensemble" and args.soak:
+            if case == args.cases[-1] and args.soak:  # the ensemble when all cases run
                 result["soak"] = soak(url, data, args.soak, 16, args.soak // 2, kill_model_replica)
                 print("soak", result["soak"], flush=True)
         finally:

@@ -194,8 +194,13 @@ class SegmentationIngress:
         try:
             data = await read_upload(request, self.cfg.max_body_bytes)
             ref = self.ref  # the whole request uses the version current when it arrived
-            reply = await asyncio.wait_for(self.answer(data, ref, fmt), self.cfg.request_timeout_s)
+            lost: list = []  # set by answer() when a model replica died under this request
+            reply = await asyncio.wait_for(self.answer(data, ref, fmt, lost), self.cfg.request_timeout_s)
         except TimeoutError:
+            if lost:
+                raise ApiError(
+                    503, "replica_lost", "the model replica died and no replacement answered in time: retry"
+                ) from None
             raise ApiError(
                 504,
                 "timeout",
@@ -221,7 +226,7 @@ class SegmentationIngress:
             self.active -= 1
         return Response(reply.body, status_code=reply.status, media_type=reply.media, headers=reply.headers)
 
-    async def answer(self, data: bytes, ref: ModelRef, fmt: str) -> Reply:
+    async def answer(self, data: bytes, ref: ModelRef, fmt: str, lost: list) -> Reply:
         """One hop to the model (and one on to the CRF pool); retried once if the model replica dies."""
         for attempt in (1, 2):
             response = self.segmenter.segment.remote(
@@ -232,6 +237,7 @@ class SegmentationIngress:
             try:
                 return await response
             except RayActorError:
+                lost.append(attempt)
                 if attempt == 2:
                     raise
                 logger.warning("a model replica died while answering; retrying the request once")
