@@ -1,29 +1,31 @@
-"""Benchmark: the Ray Serve endpoint against the same model called in-process, and @serve.batch on and off.
+"""Benchmark: `segpipe serve` against what a user would deploy instead, one uvicorn + FastAPI process.
 
-    .venv/bin/python bench/serve.py [--size 128] [--seconds 8] [--json-out bench/out/serve.json]
+    .venv/bin/python bench/serve.py [--cases fcn8s,deeplab,ensemble,ensemble_crf] [--seconds 8]
+                                    [--soak 2000] [--json-out bench/out/serve.json]
 
-One tiny FCN-8s (random weights; the network's speed does not depend on them) and one H x W PNG. In the
-same run:
-- in-process: threads calling what the endpoint does per request (decode, member forward pass, combine,
-  palette PNG) at concurrency 1, 8 and 32;
-- through Serve: real HTTP requests to POST /v1/segment at the same concurrency (proxy -> ingress ->
-  member), so "added latency" is everything Serve, HTTP and the two hops cost;
-- @serve.batch: throughput at concurrency 32 of the endpoint with dynamic batching (max_batch_size 8) and
-  of an otherwise identical one without (max_batch_size 1), end to end and calling the member directly.
-Prints p50/p99 latency (ms) and throughput (requests/s); `--json-out` saves the figures.
+Both sides hold the same model (random weights: the speed does not depend on them), answer the same real
+HTTP requests (POST /v1/segment, a 500x375 JPEG, palette PNG back) and use the same cores: the baseline is
+one uvicorn process (decode, forward, max over classes, PNG; dense CRF for the CRF case) with torch on every
+core; Serve runs one model replica with the same torch threads. They are measured one after the other in
+one run, at concurrency 1, 8 and 32 (closed-loop clients). Models: FCN-8s width 0.25, DeepLab-LargeFOV
+width 0.5, the two as an ensemble, and the ensemble with the CRF. The soak sends `--soak` requests at
+concurrency 16 to the last case (put `ensemble` last) and kills the model replica halfway: Serve must replace it, no request may
+hang, and failures (503 JSON) must stay <= 1%.
 """
 
 import argparse
 import asyncio
 import io
 import json
+import logging
 import os
 import platform
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -33,141 +35,190 @@ from PIL import Image
 
 import segmodels
 from pipelines.report import format_table
-from pipelines.runtime import ensure_ray
-from pipelines.serve import (
-    MemberModel,
-    ModelRef,
-    ServeConfig,
-    build_app,
-    decode_upload,
-    labels_only,
-    render,
-    served,
-    start_server,
-    stop_server,
-)
-from segmodels.artifact import MemberSpec, ModelSpec, read_spec, save_model_dir
+from segmodels.artifact import MemberSpec, ModelSpec, save_model_dir
 
 CONCURRENCY = (1, 8, 32)
+MEMBERS = {"fcn8s": ("fcn8s", {"width": 0.25}), "deeplab": ("deeplab_largefov", {"width": 0.5})}
+CASES = {
+    "fcn8s": (["fcn8s"], False),
+    "deeplab": (["deeplab"], False),
+    "ensemble_crf": (["fcn8s", "deeplab"], True),
+    "ensemble": (["fcn8s", "deeplab"], False),
+}
 
 
-def tiny_model(folder: Path) -> Path:
-    torch.manual_seed(0)
-    net = segmodels.build_model("fcn8s", 21, width=0.0625)
+def model_folder(folder: Path, members: list[str]) -> Path:
+    specs, states = [], []
+    for i, key in enumerate(members):
+        arch, args = MEMBERS[key]
+        torch.manual_seed(i)
+        states.append(segmodels.build_model(arch, 21, **args).state_dict())
+        specs.append(MemberSpec(arch=arch, num_classes=21, weights=f"member{i}.safetensors", model_args=args))
     spec = ModelSpec(
         name="bench",
         classes=[f"c{i}" for i in range(21)],
         palette=[[(37 * i) % 256, (91 * i) % 256, (53 * i) % 256] for i in range(21)],
-        members=[
-            MemberSpec(
-                arch="fcn8s", num_classes=21, weights="member0.safetensors", model_args={"width": 0.0625}
-            )
-        ],
-        ensemble_weights=[1.0],
+        members=specs,
+        ensemble_weights=[1.0] * len(specs),
         mean=list(segmodels.IMAGENET_MEAN),
         std=list(segmodels.IMAGENET_STD),
     )
-    return save_model_dir(folder, spec, [net.state_dict()])
+    return save_model_dir(folder, spec, states)
 
 
-def summary(latencies: list[float], seconds: float) -> dict:
+def picture(width: int, height: int) -> bytes:
+    """A smooth picture with noise, as a JPEG (63 KB-ish at 500x375, like a VOC photo)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xx * 255 // width, yy * 255 // height, rng.integers(0, 256, (height, width))], axis=2)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+def baseline_app(folder: str, crf: bool):
+    """The plain FastAPI app a user would write: one process, the model in memory, the same work."""
+    from fastapi import FastAPI, Request, Response
+
+    from pipelines.evaluate import InferenceSettings, predict_batch
+    from pipelines.report import palette_png
+    from pipelines.serve.uploads import decode_upload
+    from segmodels.artifact import load_model_dir
+    from segmodels.crf import CRFParams, dense_crf
+
+    model = load_model_dir(folder)
+    torch.set_num_threads(os.cpu_count() or 1)
+    api = FastAPI()
+
+    def png(data: bytes) -> bytes:
+        image = decode_upload(data, 4096 * 4096)
+        probs = predict_batch(model, image[None], InferenceSettings())[0]
+        if crf:
+            probs = torch.from_numpy(dense_crf(image, probs, CRFParams(**(model.spec.crf or {}))))
+        return palette_png(probs.max(0).indices.to(torch.uint8).numpy(), model.spec.palette)
+
+    @api.post("/v1/segment")
+    async def segment(request: Request) -> Response:
+        data = await request.body()
+        return Response(await asyncio.to_thread(png, data), media_type="image/png")
+
+    return api
+
+
+def run_baseline(folder: str, port: int, crf: bool) -> None:
+    import uvicorn
+
+    uvicorn.run(baseline_app(folder, crf), host="127.0.0.1", port=port, log_level="warning")
+
+
+def start_baseline(folder: Path, crf: bool) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    argv = [sys.executable, __file__, "--baseline", str(folder), "--port", str(port)] + (
+        ["--crf"] if crf else []
+    )
+    process = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/docs", timeout=2)
+            return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("the baseline server did not start within 120 s")
+
+
+# ---------------------------------------------------------------------------------------------- load
+def summary(latencies: list[float], seconds: float, failures: int = 0) -> dict:
     ms = np.asarray(latencies) * 1000
     return {
         "requests": len(ms),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
+        "failures": failures,
+        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
         "throughput_rps": len(ms) / seconds,
     }
 
 
-def in_process(folder: Path, data: bytes, concurrency: int, seconds: float) -> dict:
-    """The endpoint's per-request work, called directly from `concurrency` threads for `seconds`."""
-    ref = ModelRef(str(folder), "", read_spec(folder))
-    member = MemberModel.func_or_class(ServeConfig(model_uri=str(folder)), ref, 0, 1)
-    model = served(ref, crf=False)
-
-    def one() -> float:
-        started = time.perf_counter()
-        image = decode_upload(data, 4096 * 4096)
-        outputs = member.predict_batch([image], [ref.source], [0], [labels_only(model)])
-        render(image, outputs, model, "png", {})
-        return time.perf_counter() - started
-
-    for _ in range(10):
-        one()
-    deadline = time.perf_counter() + seconds
-    latencies, lock = [], threading.Lock()
-
-    def worker() -> None:
-        while time.perf_counter() < deadline:
-            latency = one()
-            with lock:
-                latencies.append(latency)
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(worker) for _ in range(concurrency)]:
-            future.result()
-    return summary(latencies, time.perf_counter() - started)
-
-
-async def closed_loop(call, concurrency: int, seconds: float, warmup: int = 20) -> dict:
-    """`concurrency` clients each awaiting `call()` back to back for `seconds`, after a warm-up."""
-    await asyncio.gather(*(call() for _ in range(warmup)))
-    deadline = time.perf_counter() + seconds
-    latencies = []
-
-    async def client() -> None:
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return summary(latencies, time.perf_counter() - started)
-
-
-def over_http(url: str, data: bytes | None, concurrency: int, seconds: float) -> dict:
-    """POST `data` to /v1/segment from `concurrency` clients; with no data, GET /healthz (no model work)."""
+def closed_loop(url: str, data: bytes, concurrency: int, seconds: float, warmup: int = 4) -> dict:
+    """`concurrency` clients POSTing back to back for `seconds` after a warm-up; non-200 answers fail the run."""
 
     async def run() -> dict:
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
 
             async def call() -> None:
-                if data is None:
-                    reply = await client.get(f"{url}/healthz")
-                else:
-                    reply = await client.post(
-                        f"{url}/v1/segment", content=data, headers={"Content-Type": "image/png"}
-                    )
+                reply = await client.post(
+                    f"{url}/v1/segment", content=data, headers={"Content-Type": "image/jpeg"}
+                )
                 if reply.status_code != 200:
-                    raise RuntimeError(f"{reply.status_code}: {reply.text}")
+                    raise RuntimeError(f"{reply.status_code}: {reply.text[:300]}")
 
-            return await closed_loop(call, concurrency, seconds)
+            await asyncio.gather(*(call() for _ in range(min(warmup, concurrency))))
+            deadline, latencies = time.perf_counter() + seconds, []
+
+            async def worker() -> None:
+                while time.perf_counter() < deadline:
+                    started = time.perf_counter()
+                    await call()
+                    latencies.append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return summary(latencies, time.perf_counter() - started)
 
     return asyncio.run(run())
 
 
-def member_direct(
-    app_name: str, image: np.ndarray | None, source: str, concurrency: int, seconds: float
-) -> dict:
-    """Calls straight to the member deployment through a DeploymentHandle: batching without HTTP or ingress.
+def soak(url: str, data: bytes, total: int, concurrency: int, kill_at: int | None, kill) -> dict:
+    """`total` requests from `concurrency` clients; `kill()` runs when request `kill_at` is sent."""
+    statuses: dict[int, int] = {}
+    errors, latencies = [], []
 
-    With no image, calls `load` on the loaded member instead: the cost of the hop alone.
-    """
-    from ray import serve
+    async def run() -> None:
+        counter = iter(range(total))
+        async with httpx.AsyncClient(timeout=120) as client:
 
-    handle = serve.get_deployment_handle("MemberModel_0", app_name=app_name)
+            async def worker() -> None:
+                for i in counter:
+                    if i == kill_at:
+                        threading.Thread(target=kill).start()
+                    started = time.perf_counter()
+                    try:
+                        reply = await client.post(
+                            f"{url}/v1/segment", content=data, headers={"Content-Type": "image/jpeg"}
+                        )
+                        status = reply.status_code
+                        if status != 200:
+                            errors.append(reply.text[:200])
+                    except httpx.HTTPError as err:  # a hang (timeout) or a dropped connection
+                        status = 0
+                        errors.append(repr(err))
+                    statuses[status] = statuses.get(status, 0) + 1
+                    latencies.append(time.perf_counter() - started)
 
-    async def call() -> None:
-        if image is None:
-            await handle.load.remote(source, 0)
-        else:
-            await handle.predict.remote(image, source, 0, True)
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
 
-    return asyncio.run(closed_loop(call, concurrency, seconds))
+    started = time.perf_counter()
+    asyncio.run(run())
+    result = summary(latencies, time.perf_counter() - started, total - statuses.get(200, 0))
+    result.update(
+        statuses={str(k): v for k, v in statuses.items()}, errors=errors[:5], max_ms=max(latencies) * 1000
+    )
+    return result
+
+
+def kill_model_replica() -> None:
+    import ray
+
+    prefix = "SERVE_REPLICA::segpipe#SegmentationModel#"
+    (name, *_) = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)
+    ]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    print(f"killed {name}", flush=True)
 
 
 def free_port() -> int:
@@ -176,120 +227,113 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# ---------------------------------------------------------------------------------------------- main
+def measure(args, workdir: Path, data: bytes) -> dict:
+    import ray
+
+    from pipelines.serve import ServeConfig, start_server, stop_server
+    from pipelines.serve_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    cores = os.cpu_count() or 1
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    # A fresh local Ray (never another one running on this machine); logical CPUs: the model replica
+    # reserves `cores` (its torch threads), the CRF pool 1, the ingress a little.
+    ray.init(address="local", num_cpus=2 * cores + 2, include_dashboard=True, logging_level=logging.WARNING)
+    result = {}
+    for case in args.cases:
+        members, crf = CASES[case]
+        folder = model_folder(workdir / case, members)
+        process, url = start_baseline(folder, crf)
+        try:
+            for c in CONCURRENCY:
+                result[f"{case}_baseline_c{c}"] = closed_loop(url, data, c, args.seconds)
+                print(case, "baseline", c, result[f"{case}_baseline_c{c}"], flush=True)
+        finally:
+            process.terminate()
+            process.wait(30)
+        cfg = ServeConfig(
+            model_uri=str(folder),
+            port=free_port(),
+            min_replicas=1,
+            max_replicas=1,
+            member_cpus=float(cores),
+            crf=crf,
+            request_timeout_s=120,
+        )
+        url = start_server(cfg)
+        try:
+            for c in CONCURRENCY:
+                result[f"{case}_serve_c{c}"] = closed_loop(url, data, c, args.seconds)
+                print(case, "serve", c, result[f"{case}_serve_c{c}"], flush=True)
+            if case == args.cases[-1] and args.soak:  # the ensemble when all cases run
+                result["soak"] = soak(url, data, args.soak, 16, args.soak // 2, kill_model_replica)
+                print("soak", result["soak"], flush=True)
+        finally:
+            stop_server()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--size", type=int, default=128, help="square test image side in pixels (default: 128)"
-    )
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per figure (default: 8)")
+    parser.add_argument("--soak", type=int, default=2000, help="soak requests, 0 to skip (default: 2000)")
+    parser.add_argument("--size", default="500x375", help="image WxH (default: 500x375)")
     parser.add_argument("--json-out", default="bench/out/serve.json")
+    parser.add_argument("--baseline", help=argparse.SUPPRESS)  # internal: run the baseline server
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--crf", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # as in a member replica with one CPU
-
-    from ray import serve
-
-    workdir = Path(tempfile.mkdtemp(prefix="segpipe-bench-serve-"))
-    folder = tiny_model(workdir / "model")
-    rng = np.random.default_rng(0)
-    picture = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="PNG")
-    data = buffer.getvalue()
-
-    rows, result = (
-        [],
-        {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "image": f"{args.size}x{args.size} PNG",
-            "model": "fcn8s width 0.0625",
-        },
+    if args.baseline:
+        run_baseline(args.baseline, args.port, args.crf)
+        return
+    args.cases = args.cases.split(",")
+    width, height = (int(v) for v in args.size.split("x"))
+    data = picture(width, height)
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    result = measure(args, Path(tempfile.mkdtemp(prefix="segpipe-bench-serve-")), data)
+    result.update(
+        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        image=f"{width}x{height} JPEG, {len(data)} bytes",
+        load_average_before=load_before,
+        load_average_after=[round(v, 2) for v in os.getloadavg()],
     )
-    for c in CONCURRENCY:
-        result[f"in_process_c{c}"] = in_process(folder, data, c, args.seconds)
-
-    # Logical CPUs for both endpoints at once; they are measured one after the other.
-    ensure_ray(num_cpus=4)
-    common = {
-        "model_uri": str(folder),
-        "min_replicas": 1,
-        "max_replicas": 1,
-        "member_cpus": 1.0,
-        "ingress_cpus": 0.5,
-    }
-    url = start_server(ServeConfig(port=free_port(), max_batch_size=8, **common))
-    try:
+    rows = []
+    for case in args.cases:
         for c in CONCURRENCY:
-            result[f"serve_c{c}"] = over_http(url, data, c, args.seconds)
-        result["hop_http_healthz_c1"] = over_http(url, None, 1, args.seconds)
-        result["hop_member_handle_c1"] = member_direct("segpipe", None, str(folder), 1, args.seconds)
-        serve.run(
-            build_app(ServeConfig(max_batch_size=1, **common)), name="unbatched", route_prefix="/unbatched"
-        )
-        result["unbatched_c32"] = over_http(f"{url}/unbatched", data, 32, args.seconds)
-        image = decode_upload(data, 4096 * 4096)
-        result["member_batched_c32"] = member_direct("segpipe", image, str(folder), 32, args.seconds)
-        result["member_unbatched_c32"] = member_direct("unbatched", image, str(folder), 32, args.seconds)
-    finally:
-        stop_server()
-
-    for c in CONCURRENCY:
-        local, remote = result[f"in_process_c{c}"], result[f"serve_c{c}"]
-        rows.append(
-            [
-                c,
-                round(local["p50_ms"], 1),
-                round(local["p99_ms"], 1),
-                round(local["throughput_rps"], 1),
-                round(remote["p50_ms"], 1),
-                round(remote["p99_ms"], 1),
-                round(remote["throughput_rps"], 1),
-                round(remote["p50_ms"] - local["p50_ms"], 1),
-            ]
-        )
-    result["added_p50_ms_c1"] = result["serve_c1"]["p50_ms"] - result["in_process_c1"]["p50_ms"]
-    result["batch_speedup_http_c32"] = (
-        result["serve_c32"]["throughput_rps"] / result["unbatched_c32"]["throughput_rps"]
-    )
-    result["batch_speedup_member_c32"] = (
-        result["member_batched_c32"]["throughput_rps"] / result["member_unbatched_c32"]["throughput_rps"]
-    )
-
-    print(f"\n{result['machine']}; {result['image']}; {result['model']}; {args.seconds:g} s per figure\n")
-    print(
-        format_table(
-            ["concurrency", "in-process p50", "p99", "req/s", "Serve p50", "p99", "req/s", "added p50 (ms)"],
-            rows,
-        )
-    )
-    print("\n@serve.batch at concurrency 32 (requests/s), batched (max 8) vs unbatched:")
-    print(
-        format_table(
-            ["path", "batched", "unbatched", "speed-up"],
-            [
+            base, ours = result[f"{case}_baseline_c{c}"], result[f"{case}_serve_c{c}"]
+            rows.append(
                 [
-                    "HTTP end to end",
-                    round(result["serve_c32"]["throughput_rps"], 1),
-                    round(result["unbatched_c32"]["throughput_rps"], 1),
-                    round(result["batch_speedup_http_c32"], 2),
-                ],
-                [
-                    "member via handle",
-                    round(result["member_batched_c32"]["throughput_rps"], 1),
-                    round(result["member_unbatched_c32"]["throughput_rps"], 1),
-                    round(result["batch_speedup_member_c32"], 2),
-                ],
-            ],
+                    case,
+                    c,
+                    round(base["p50_ms"], 1),
+                    round(base["throughput_rps"], 2),
+                    round(ours["p50_ms"], 1),
+                    round(ours["throughput_rps"], 2),
+                    f"{ours['throughput_rps'] / base['throughput_rps']:.2f}x",
+                    round(ours["p50_ms"] - base["p50_ms"], 1),
+                ]
+            )
+    print(f"\n{result['machine']}; {result['image']}; {args.seconds:g} s per figure")
+    print(f"load average before {load_before}, after {result['load_average_after']}\n")
+    headers = [
+        "model",
+        "concurrency",
+        "baseline p50",
+        "req/s",
+        "Serve p50",
+        "req/s",
+        "ratio",
+        "added p50 (ms)",
+    ]
+    print(format_table(headers, rows))
+    if "soak" in result:
+        s = result["soak"]
+        print(
+            f"\nsoak: {s['requests']} requests at concurrency 16, model replica killed halfway: statuses {s['statuses']}"
         )
-    )
-    print(
-        f"\nServe's added p50 latency at concurrency 1: {result['added_p50_ms_c1']:.1f} ms (target <= 5 ms); "
-        f"with no model work, HTTP -> proxy -> ingress takes {result['hop_http_healthz_c1']['p50_ms']:.1f} ms "
-        f"and ingress -> member {result['hop_member_handle_c1']['p50_ms']:.1f} ms (p50)"
-    )
-    result["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    print(f"load average at the end (1, 5, 15 min): {result['load_average']} on {os.cpu_count()} cores")
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
 

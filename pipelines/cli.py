@@ -551,17 +551,24 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--min-replicas", type=int, default=1, help="fewest model replicas (default: 1)")
     p.add_argument(
-        "--min-replicas", type=int, default=1, help="fewest replicas per member model (default: 1)"
+        "--max-replicas",
+        type=int,
+        default=2,
+        help="most model replicas, and CRF replicas with --crf (default: 2)",
     )
-    p.add_argument("--max-replicas", type=int, default=2, help="most replicas per member model (default: 2)")
     p.add_argument(
         "--member-gpus",
         type=float,
         default=0.0,
-        help="GPUs per member-model replica, e.g. 1 or 0.5 (default: 0, CPU)",
+        help="GPUs per model replica (the whole ensemble), e.g. 1 or 0.5 (default: 0, CPU)",
     )
-    p.add_argument("--crf", action="store_true", help="dense CRF post-processing with the model's parameters")
+    p.add_argument(
+        "--crf",
+        action="store_true",
+        help="dense CRF post-processing with the model's parameters, in its own 1-CPU replicas",
+    )
     p.set_defaults(run=_run_serve)
 
 

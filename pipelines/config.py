@@ -116,7 +116,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         try:
             out = kind(value)
         except (TypeError, ValueError):
-            raise UserError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+            article = "an" if kind is int else "a"
+            raise UserError(f"{name} must be {article} {kind.__name__}, got {value!r}") from None
         if kind is int and isinstance(value, float) and value != out:
             raise UserError(f"{name} must be an integer, got {value!r}")
         return out

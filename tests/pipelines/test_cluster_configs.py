@@ -493,7 +493,7 @@ def test_serve_config_names_what_pipelines_serve_defines():
         for deployment in app["deployments"]:
             assert deployment["name"] in defined, (
                 f"cluster/serve_config.yaml configures deployment {deployment['name']!r} but "
-                f"pipelines/serve.py defines {sorted(defined)}: rename one of them"
+                f"pipelines/serve/ defines {sorted(defined)}: rename one of them"
             )
 
 

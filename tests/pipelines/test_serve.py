@@ -39,19 +39,18 @@ from pipelines.errors import UserError
 from pipelines.evaluate import InferenceSettings, predict_image
 from pipelines.serve import (
     APP_NAME,
-    ApiError,
-    MemberModel,
-    ModelRef,
+    CRFRefiner,
+    SegmentationModel,
     ServeConfig,
     build_app,
-    combine,
     config_from_args,
-    decode_upload,
-    render,
-    served,
     start_server,
     stop_server,
 )
+from pipelines.serve.refs import ModelRef
+from pipelines.serve.render import Dense
+from pipelines.serve.uploads import ApiError, decode_upload
+from pipelines.serve_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from segmodels.artifact import MemberSpec, ModelSpec, load_model_dir, read_spec, save_model_dir
 
 # The tests shorten Serve's autoscaling metrics interval, a field Serve has deprecated but still honours.
@@ -60,6 +59,9 @@ CLASSES = ["background", *(f"class{i}" for i in range(1, 21))]
 PALETTE = [[(37 * i) % 256, (91 * i) % 256, (53 * i) % 256] for i in range(21)]
 TINY = {"fcn8s": {"width": 0.0625}, "deeplab_largefov": {"width": 0.0625}}
 REPO = Path(__file__).resolve().parents[2]
+# Serve's proxy answers its own errors (408, 503) as JSON through this hook, read when Ray starts: set at
+# import, before the session's Ray starts, as `start_server` does when it starts Ray itself.
+os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
 
 
 def tiny_model(folder: Path, archs: list[str], seed: int = 0) -> Path:
@@ -160,9 +162,14 @@ def test_app_args_are_typed_and_checked():
         {"model_uri": "models:/m@champion", "max_replicas": "4", "crf": "true", "max_body_mb": "2.5"}
     )
     assert (cfg.max_replicas, cfg.crf, cfg.max_body_mb) == (4, True, 2.5)
+    # The same coercion as every other segpipe config (pipelines.config): on/off are booleans.
+    assert config_from_args({"model_uri": "x", "crf": "on"}).crf is True
+    assert config_from_args({"model_uri": "x", "crf": "off"}).crf is False
+    with pytest.raises(UserError, match="crf must be true or false"):
+        config_from_args({"model_uri": "x", "crf": "maybe"})
     with pytest.raises(UserError, match="unknown serve app args"):
         config_from_args({"model_uri": "x", "max_replica": 3})
-    with pytest.raises(UserError, match="not a valid int"):
+    with pytest.raises(UserError, match="max_replicas must be an int"):
         config_from_args({"model_uri": "x", "max_replicas": "many"})
     with pytest.raises(UserError, match="min-replicas"):
         ServeConfig(model_uri="x", min_replicas=3, max_replicas=2)
@@ -181,36 +188,45 @@ def test_cli_refuses_a_missing_model_before_starting_serve(tmp_path, capsys):
     assert "has no model.json" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------- members
-def test_members_combined_by_the_ingress_equal_the_in_process_ensemble(tmp_path):
+# ---------------------------------------------------------------------------------------------- model
+def model_replica(folder: Path, model_uri: str | None = None, version: str = "") -> SegmentationModel:
+    """The model deployment's class, constructed in this process (no Serve)."""
+    cfg = ServeConfig(model_uri=model_uri or str(folder))
+    return SegmentationModel.func_or_class(cfg, ModelRef(str(folder), version, read_spec(folder)))
+
+
+def test_the_model_replica_runs_the_whole_ensemble_in_one_pass(tmp_path):
     folder = tiny_model(tmp_path / "model", ["fcn8s", "deeplab_largefov"])
-    spec = read_spec(folder)
-    # One deployment running both members, as when a newer version has more members than deployments.
-    member = MemberModel.func_or_class(
-        ServeConfig(model_uri=str(folder)), ModelRef(str(folder), "", spec), 0, 1
-    )
+    replica = model_replica(folder)
     images = [np.asarray(photo(64, 48, seed=s)) for s in range(3)] + [np.asarray(photo(40, 32))]
-    batch = [(image, index) for image in images for index in (0, 1)]
-    n = len(batch)
-    probs = member.predict_batch([b[0] for b in batch], [str(folder)] * n, [b[1] for b in batch], [False] * n)
-    labels = member.predict_batch([b[0] for b in batch], [str(folder)] * n, [b[1] for b in batch], [True] * n)
+    n, source = len(images), str(folder)
+    probs = replica.predict_batch(images, [source] * n, [True] * n)
+    labels = replica.predict_batch(images, [source] * n, [False] * n)
 
     model = load_model_dir(folder)
     for k, image in enumerate(images):
-        combined = combine([probs[2 * k], probs[2 * k + 1]], spec.ensemble_weights)
-        assert probs[2 * k].dtype == np.float16 and combined.shape == (21, *image.shape[:2])
-        expected = predict_image(model, image, InferenceSettings())
-        np.testing.assert_allclose(combined, expected, atol=2e-3)
-        # A lone member answers its own class indices: the argmax of its probabilities.
-        assert labels[2 * k].dtype == np.uint8 and labels[2 * k].shape == image.shape[:2]
-        agree = labels[2 * k] == probs[2 * k].astype(np.float32).argmax(0)
-        assert agree.mean() > 0.999  # float16 rounding may flip a near-tie
+        expected = predict_image(model, image, InferenceSettings())  # the ensemble in this process
+        assert probs[k].dtype == np.float16 and probs[k].shape == (21, *image.shape[:2])
+        np.testing.assert_allclose(probs[k], expected, atol=2e-3)
+        assert labels[k].dtype == np.uint8 and labels[k].shape == image.shape[:2]
+        assert (labels[k] == expected.argmax(0)).mean() > 0.999  # float rounding may flip a near-tie
 
 
-def test_the_crf_cleans_up_noisy_combined_probabilities(tmp_path):
+def test_the_model_replica_reconfigures_its_batching(tmp_path):
+    replica = model_replica(tiny_model(tmp_path / "model", ["fcn8s"]))
+    replica.reconfigure({"max_batch_size": 3, "batch_wait_timeout_s": "0.02"})
+    assert (replica.knobs.max_batch_size, replica.knobs.batch_wait_timeout_s) == (3, 0.02)
+    with pytest.raises(UserError, match="unknown key"):
+        replica.reconfigure({"max_batch": 3})
+    with pytest.raises(UserError, match="max_batch_size >= 1"):
+        replica.reconfigure({"max_batch_size": 0})
+    assert replica.knobs.max_batch_size == 3  # a refused config leaves the knobs as they were
+
+
+def test_the_crf_pool_cleans_up_noisy_probabilities(tmp_path):
     folder = tiny_model(tmp_path / "model", ["fcn8s", "deeplab_largefov"])
-    ref = ModelRef(str(folder), "", read_spec(folder))
-    # Left half dark background, right half bright class 1; the members' probabilities are noisy.
+    spec = read_spec(folder)
+    # Left half dark background, right half bright class 1; the probabilities are noisy.
     picture = np.zeros((48, 64, 3), np.uint8)
     picture[:, 32:] = 255
     image = decode_upload(encode(Image.fromarray(picture), "PNG"), max_pixels=10_000)
@@ -220,28 +236,36 @@ def test_the_crf_cleans_up_noisy_combined_probabilities(tmp_path):
     )
     probs = np.zeros((21, 48, 64), np.float16)
     probs[1], probs[0] = noisy, 1 - noisy
+    refiner = CRFRefiner.func_or_class()
 
-    def errors(crf: bool) -> int:
-        body, media = render(image, [probs, probs], served(ref, crf=crf), "png", {})
-        mask = np.asarray(Image.open(io.BytesIO(body)))
-        assert media == "image/png" and mask.shape == truth.shape
+    def errors() -> int:
+        reply = refiner.refine_dense(Dense(image, probs, spec, "3", {}), "png")
+        mask = np.asarray(Image.open(io.BytesIO(reply.body)))
+        assert reply.media == "image/png" and mask.shape == truth.shape
+        assert reply.headers["X-Model-Version"] == "3"
         return int((mask != truth).sum())
 
-    assert errors(crf=True) < errors(crf=False) / 4
+    without = int((probs.astype(np.float32).argmax(0) != truth).sum())
+    assert errors() < without / 4
+    # user_config overrides the model's CRF parameters live: no pairwise terms leaves the noise.
+    refiner.reconfigure({"w1": 0, "w2": 0, "iterations": 1})
+    assert errors() == without
+    with pytest.raises(UserError, match="unknown key"):
+        refiner.reconfigure({"theta": 3})
+    with pytest.raises(UserError, match="iterations must be >= 1"):
+        refiner.reconfigure({"iterations": 0})
 
 
-def test_a_member_loads_only_versions_of_the_served_model(tmp_path):
+def test_the_model_replica_loads_only_versions_of_the_served_model(tmp_path):
     folder = tiny_model(tmp_path / "model", ["fcn8s"])
-    member = MemberModel.func_or_class(
-        ServeConfig(model_uri="models:/tiny@champion"), ModelRef(str(folder), "1", read_spec(folder)), 0, 1
-    )
-    member.check_source("models:/tiny/7")
+    replica = model_replica(folder, model_uri="models:/tiny@champion", version="1")
+    replica.check_source("models:/tiny/7")
     for source in ["/etc", "models:/other/1", "models:/tiny/1/../x", "runs:/abc/model"]:
         with pytest.raises(ValueError, match="refusing"):
-            member.check_source(source)
+            replica.check_source(source)
     # In a batch, a refused source fails its own requests only.
     image = np.asarray(photo(64, 48))
-    good, bad = member.predict_batch([image, image], [str(folder), "/etc"], [0, 0], [True, True])
+    good, bad = replica.predict_batch([image, image], [str(folder), "/etc"], [False, False])
     assert good.shape == (48, 64) and isinstance(bad, ValueError)
 
 
@@ -353,9 +377,9 @@ def running_replicas(deployment: str, app: str = APP_NAME) -> int:
     from ray import serve
     from ray.serve._private.common import ReplicaState
 
-    return (
-        serve.status().applications[app].deployments[deployment].replica_states.get(ReplicaState.RUNNING, 0)
-    )
+    status = serve.status().applications.get(app)  # absent, or without deployments, while it builds
+    deployment_status = status.deployments.get(deployment) if status else None
+    return deployment_status.replica_states.get(ReplicaState.RUNNING, 0) if deployment_status else 0
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
@@ -475,9 +499,9 @@ def test_request_timeouts_answer_408_or_504(endpoint):
 
     url = endpoint["url"]
     data = encode(photo(300, 200), "PNG")
-    # The proxy's own deadline (a client may shorten it with Serve's header): 408.
+    # The proxy's own deadline (a client may shorten it with Serve's header): 408, as JSON too.
     reply = post(url, data, headers={"x-request-timeout-seconds": "0.001"})
-    assert reply.status_code == 408, reply.text
+    assert reply.status_code == 408 and reply.json()["error"] == "timeout", reply.text
     # The app's deadline on the model: 504 with a JSON body.
     quick = ServeConfig(
         model_uri=str(tiny_model(endpoint["root"] / "impatient", ["fcn8s"])),
@@ -500,7 +524,7 @@ def test_full_queues_answer_503(endpoint):
     from ray import serve
 
     url = endpoint["url"]
-    # Member replicas take two requests at a time and queue one more; the proxy queues one for the ingress.
+    # The model replica takes two requests at a time and queues one more; the ingress admits 32 + 1.
     small = ServeConfig(
         model_uri=str(tiny_model(endpoint["root"] / "small", ["fcn8s"])),
         member_cpus=0.25,
@@ -515,12 +539,9 @@ def test_full_queues_answer_503(endpoint):
             f"{url}/small", [("image/png", encode(photo(300, 200), "PNG"))], concurrency=48, total=96
         )
         assert sorted({status for status, _ in results}) == [200, 503], results
-        rejected = [text for status, text in results if status == 503]
-        # The ingress answers JSON when a member's queue is full; Serve's proxy answers plain text when the
-        # ingress's own queue is.
-        from_ingress = [json.loads(text) for text in rejected if text.startswith("{")]
-        assert from_ingress and all(body["error"] == "overloaded" for body in from_ingress), rejected
-        assert all(text.startswith("{") or "backpressure" in text for text in rejected), rejected
+        rejected = [json.loads(text) for status, text in results if status == 503]
+        # Every 503 is JSON, whether the model's queue or the ingress's admission limit was full.
+        assert all(body["error"] == "overloaded" and body["detail"] for body in rejected), rejected
         assert httpx.get(f"{url}/small/healthz").status_code == 200
     finally:
         serve.delete("small")
@@ -545,7 +566,9 @@ def test_bounded_concurrent_load_has_no_errors(endpoint):
 @pytest.mark.slow
 def test_members_scale_up_under_load_and_back_down(endpoint):
     url = endpoint["url"]
-    wait_until(lambda: running_replicas("MemberModel_0") == 1, 120, "MemberModel_0 to run one replica")
+    wait_until(
+        lambda: running_replicas("SegmentationModel") == 1, 120, "SegmentationModel to run one replica"
+    )
     stop = threading.Event()
     results: list = []
     worker = threading.Thread(
@@ -555,12 +578,16 @@ def test_members_scale_up_under_load_and_back_down(endpoint):
     )
     worker.start()
     try:
-        wait_until(lambda: running_replicas("MemberModel_0") >= 2, 120, "a second MemberModel_0 replica")
+        wait_until(
+            lambda: running_replicas("SegmentationModel") >= 2, 120, "a second SegmentationModel replica"
+        )
     finally:
         stop.set()
         worker.join()
     assert results and [r for r in results if r[0] != 200] == []
-    wait_until(lambda: running_replicas("MemberModel_0") == 1, 120, "MemberModel_0 to scale back to 1")
+    wait_until(
+        lambda: running_replicas("SegmentationModel") == 1, 120, "SegmentationModel to scale back to 1"
+    )
     assert_serves(url)
 
 
@@ -608,6 +635,64 @@ def test_promoting_a_broken_version_keeps_the_current_one(endpoint):
     info = httpx.get(f"{url}/v1/model").json()
     assert info["version"] == current and info["update_error"]["error"].startswith("SafetensorError"), info
     assert_serves(url)
+
+
+@pytest.mark.slow
+def test_the_live_model_replica_takes_its_knobs_from_user_config(endpoint):
+    from ray import serve
+
+    # build_app passes the batching knobs as user_config: Serve calls reconfigure() with them.
+    knobs = serve.get_deployment_handle("SegmentationModel", app_name=APP_NAME).describe.remote().result()
+    assert (knobs["max_batch_size"], knobs["batch_wait_timeout_s"]) == (8, 0.005), knobs
+
+
+@pytest.mark.slow
+def test_killing_the_model_replica_under_load_fails_no_request(endpoint):
+    import ray
+    from ray import serve
+
+    url = f"{endpoint['url']}/mortal"
+    cfg = ServeConfig(
+        model_uri=str(tiny_model(endpoint["root"] / "mortal", ["fcn8s"])),
+        member_cpus=0.25,
+        ingress_cpus=0.25,
+        max_replicas=1,
+        request_timeout_s=20,  # under the proxy's deadline (the endpoint's 30 s + 5 s): the app answers first
+    )
+    serve.run(build_app(cfg), name="mortal", route_prefix="/mortal")
+
+    def replicas() -> list[str]:
+        actors = ray.util.list_named_actors(all_namespaces=True)
+        return [a["name"] for a in actors if a["name"].startswith("SERVE_REPLICA::mortal#SegmentationModel#")]
+
+    try:
+        (victim,) = replicas()
+        stop, results = threading.Event(), []
+        body = [("image/png", encode(photo(64, 48), "PNG"))]
+        worker = threading.Thread(target=lambda: results.extend(load(url, body, concurrency=8, stop=stop)))
+        worker.start()
+        try:
+            time.sleep(2)
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            wait_until(lambda: replicas() not in ([], [victim]), 50, "Serve to start a new model replica")
+            wait_until(
+                lambda: running_replicas("SegmentationModel", "mortal") == 1, 50, "the new replica to run"
+            )
+            time.sleep(2)
+        finally:
+            stop.set()
+            worker.join()
+        failed = [(status, text) for status, text in results if status != 200]
+        # No request hangs (status 0 would be a client timeout); a failure is a 503 JSON, and only requests that
+        # were on the killed replica may fail (the bench's soak checks the <= 1% target over 2,000 requests).
+        assert all(
+            status == 503 and json.loads(text)["error"] in ("replica_lost", "overloaded")
+            for status, text in failed
+        ), failed
+        assert len(failed) <= 8 and len(results) > len(failed), (len(failed), len(results))
+        assert_serves(url)
+    finally:
+        serve.delete("mortal")
 
 
 # ---------------------------------------------------------------------------------------------- browser
@@ -739,6 +824,9 @@ def test_segpipe_serve_with_crf_answers_until_interrupted(tmp_path):
         assert process.poll() is None, log.read_text()[-3000:]
         assert httpx.get(f"{url}/v1/model").json()["crf"] is True
         assert_serves(url)
+        # The answer was made in the CRF pool, after the model replica's inference.
+        timing = post(url, encode(photo(64, 48), "PNG"), fmt="json").json()["timing_ms"]
+        assert set(timing) == {"decode", "inference", "crf", "postprocess"}, timing
         process.send_signal(signal.SIGINT)
         assert process.wait(120) == 0, log.read_text()[-3000:]
     finally:

@@ -1,0 +1,133 @@
+"""The endpoint's configuration: `ServeConfig`, the args of `serve run` / a Serve config, and runtime knobs.
+
+Values are coerced by `pipelines.config.make_config`, the one rule every segpipe config follows (so
+`crf=on` and `flip: on` mean the same thing everywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from pipelines.config import make_config
+from pipelines.errors import UserError
+
+APP_NAME = "segpipe"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The endpoint: which model, how it scales, and the limits that protect it."""
+
+    model_uri: str  # runs:/ID/model, models:/NAME/VERSION, models:/NAME@ALIAS (followed) or a model folder
+    tracking_uri: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Autoscaling of the model deployment (each replica holds every member of the ensemble).
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+    look_back_period_s: float = 30.0
+    # Ray's reservations per model replica (torch uses max(1, int(member_cpus)) threads); a fractional
+    # member_gpus packs several replicas on one GPU.
+    member_cpus: float = 0.5
+    member_gpus: float = 0.0
+    ingress_cpus: float = 0.25
+    # Dynamic batching in each model replica: the initial runtime knobs (user_config changes them live).
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.005
+    # Limits: requests an ingress replica works on and queues beyond that (503 JSON past both), request
+    # body, image size, time.
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 256
+    max_body_mb: float = 10.0
+    max_pixels: int = 4096 * 4096
+    request_timeout_s: float = 30.0
+    # Dense CRF in its own autoscaled pool of 1-CPU replicas (up to max_replicas).
+    crf: bool = False
+    poll_s: float = 10.0  # how often a models:/NAME@ALIAS endpoint checks where the alias points
+
+    def __post_init__(self) -> None:
+        if not self.model_uri:
+            raise UserError("no model to serve: pass --model-uri (runs:/..., models:/NAME@ALIAS, a folder)")
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise UserError(
+                f"replicas need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got "
+                f"{self.min_replicas} and {self.max_replicas}"
+            )
+        if not 0 < self.max_pixels <= (Image.MAX_IMAGE_PIXELS or self.max_pixels):
+            raise UserError(
+                f"max_pixels must be between 1 and Pillow's MAX_IMAGE_PIXELS "
+                f"({Image.MAX_IMAGE_PIXELS}), got {self.max_pixels}"
+            )
+        positive = (
+            "max_ongoing_requests",
+            "max_body_mb",
+            "request_timeout_s",
+            "poll_s",
+            "target_ongoing_requests",
+            "look_back_period_s",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_queued_requests == 0 or self.max_queued_requests < -1:
+            raise UserError(
+                f"max_queued_requests must be -1 (no limit) or >= 1, got {self.max_queued_requests}"
+            )
+        BatchKnobs(self.max_batch_size, self.batch_wait_timeout_s)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    @property
+    def admitted(self) -> int | None:
+        """Requests one ingress replica holds at once (working + queued); None = no limit."""
+        return (
+            None if self.max_queued_requests == -1 else self.max_ongoing_requests + self.max_queued_requests
+        )
+
+
+@dataclass(frozen=True)
+class BatchKnobs:
+    """The model deployment's `user_config`: changed by `serve deploy` without restarting replicas."""
+
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.005
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise UserError(
+                f"need max_batch_size >= 1 and batch_wait_timeout_s >= 0, got {self.max_batch_size} "
+                f"and {self.batch_wait_timeout_s}"
+            )
+
+
+def batch_knobs(config: dict[str, Any]) -> BatchKnobs:
+    return make_config(BatchKnobs, config, source="SegmentationModel user_config")
+
+
+# Everything but where the proxy listens, which belongs to Serve's http_options.
+APP_ARGS = tuple(f.name for f in dataclasses.fields(ServeConfig) if f.name not in ("host", "port"))
+
+
+def config_from_args(args: dict[str, Any]) -> ServeConfig:
+    """The args of `serve run pipelines.serve:app key=value ...` or a Serve config's `args:` -> ServeConfig.
+
+    `serve run` passes strings; YAML passes typed values. Unknown keys are errors, not silently ignored.
+    """
+    unknown = sorted(set(args) - set(APP_ARGS))
+    if unknown:
+        raise UserError(
+            f"unknown serve app args {unknown}; valid: {', '.join(APP_ARGS)} (host and port belong to "
+            "the Serve config's http_options)"
+        )
+    if "model_uri" not in args:
+        raise UserError("serve app args need model_uri (e.g. model_uri=models:/segpipe-voc@champion)")
+    return make_config(ServeConfig, args, source="serve app args")

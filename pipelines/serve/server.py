@@ -1,0 +1,154 @@
+"""Server lifecycle: the Serve application for a config, and starting/stopping it from Python or the CLI.
+
+`pipelines.serve:app` is the args builder for `serve run` / `serve deploy` (cluster/serve_config.yaml);
+`start_server` / `stop_server` run the same application from Python (the CLI, the tests, the demo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from typing import Any
+
+from ray import serve
+
+from pipelines.errors import UserError
+from pipelines.serve.config import APP_NAME, ServeConfig, config_from_args
+from pipelines.serve.crf import CRFRefiner
+from pipelines.serve.ingress import SegmentationIngress
+from pipelines.serve.model import SegmentationModel
+from pipelines.serve.refs import is_local_folder, resolve_model
+from pipelines.serve_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+# The proxy gives up this long after the app's own timeout, so clients normally get the app's JSON 504.
+PROXY_TIMEOUT_MARGIN_S = 5.0
+
+
+def autoscaling(cfg: ServeConfig, min_replicas: int) -> dict[str, Any]:
+    config = {
+        "min_replicas": min_replicas,
+        "max_replicas": cfg.max_replicas,
+        "target_ongoing_requests": cfg.target_ongoing_requests,
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+        "look_back_period_s": cfg.look_back_period_s,
+    }
+    if cfg.look_back_period_s < 30:
+        # Load is reported every 10 s by default: too coarse for a short look-back window.
+        config["metrics_interval_s"] = cfg.look_back_period_s / 3
+    return config
+
+
+def build_app(cfg: ServeConfig):
+    """The Serve application for `cfg`: the ingress, the model deployment and (with `crf`) the CRF pool.
+
+    Resolves and reads the model first, so a bad URI fails here with a UserError, before Serve starts.
+    """
+    from pipelines import tracking
+
+    if not is_local_folder(cfg.model_uri):
+        # Replicas run in other processes (and nodes): give them an absolute store, not "./mlruns".
+        cfg = dataclasses.replace(cfg, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking_uri))
+    model = resolve_model(cfg.model_uri, cfg.tracking_uri)
+    actor = {"num_cpus": cfg.member_cpus, **({"num_gpus": cfg.member_gpus} if cfg.member_gpus else {})}
+    segmenter = SegmentationModel.options(
+        autoscaling_config=autoscaling(cfg, cfg.min_replicas),
+        ray_actor_options=actor,
+        # Room for a full batch in progress plus the next one forming.
+        max_ongoing_requests=2 * cfg.max_batch_size,
+        max_queued_requests=cfg.max_queued_requests,
+        user_config={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+    ).bind(cfg, model)
+    refiner = None
+    if cfg.crf:
+        # One CPU each, so pydensecrf (which holds the GIL) never stalls the ingress or the model.
+        refiner = CRFRefiner.options(
+            autoscaling_config=autoscaling(cfg, max(1, cfg.min_replicas)),
+            ray_actor_options={"num_cpus": 1},
+            max_ongoing_requests=2,
+            max_queued_requests=cfg.max_queued_requests,
+            user_config={},
+        ).bind()
+    admitted = cfg.admitted
+    return SegmentationIngress.options(
+        # The ingress admits what it may hold and answers 503 JSON itself beyond that.
+        max_ongoing_requests=admitted if admitted is not None else cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": cfg.ingress_cpus},
+    ).bind(cfg, model, segmenter, refiner)
+
+
+def app(args: dict[str, Any]):
+    """Serve's args builder: `serve run pipelines.serve:app model_uri=models:/NAME@champion max_replicas=4`."""
+    return build_app(config_from_args(args))
+
+
+_started_ray = False
+
+
+def start_server(cfg: ServeConfig) -> str:
+    """Deploy the endpoint on Ray ($RAY_ADDRESS's, the running one, or a new local one); returns its base URL."""
+    global _started_ray
+    import ray
+
+    from pipelines.runtime import ensure_ray
+
+    application = build_app(cfg)  # the model URI is checked before anything starts
+    if not ray.is_initialized():
+        check_port_free(cfg.host, cfg.port)
+        # Ray's processes inherit the environment: the proxy then answers its own errors as JSON too.
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    _started_ray = ensure_ray() or _started_ray
+    serve.start(
+        http_options={
+            "host": cfg.host,
+            "port": cfg.port,
+            "request_timeout_s": cfg.request_timeout_s + PROXY_TIMEOUT_MARGIN_S,
+        }
+    )
+    serve.run(application, name=APP_NAME, route_prefix="/")
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}"
+
+
+def stop_server() -> None:
+    """Shut Serve down (applications and proxies), and Ray too when `start_server` started it."""
+    global _started_ray
+    import ray
+
+    serve.shutdown()
+    if _started_ray:
+        ray.shutdown()
+        _started_ray = False
+
+
+def check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port} ({err.strerror}): pick another --port") from None
+
+
+def serve_forever(cfg: ServeConfig) -> None:
+    """`segpipe serve`: start the endpoint, answer until SIGINT/SIGTERM, then shut Serve down cleanly."""
+    import signal
+
+    url = start_server(cfg)
+    print(
+        f"serving {cfg.model_uri} at {url}  (upload page {url}/, API docs {url}/docs); Ctrl-C stops",
+        flush=True,
+    )
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print("shutting down", flush=True)
+        stop_server()
