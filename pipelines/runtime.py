@@ -61,3 +61,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus)
     ray.init(**kwargs)
     return True
+
+
+def cluster_gpus() -> float:
+    """GPUs of the alive nodes now (for sizing actor pools; `preflight` also knows the autoscaler's limit)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
