@@ -159,8 +159,12 @@ def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
         "RAY_ADDRESS": "",
         "HOME": str(home),
     }
-    for var in ("SEGPIPE_STORAGE", "RAY_STORAGE"):
+    for var in ("SEGPIPE_STORAGE", "RAY_STORAGE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(var, None)
+    # The head and the Jobs CLI read the token from ~/.ray/auth_token: make one in this HOME.
+    subprocess.run(
+        [str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True
+    )
     gcs, dashboard, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
     temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
     head = subprocess.Popen(
