@@ -60,7 +60,8 @@ def predict_batch(model, images: np.ndarray, settings: InferenceSettings):
     from segmodels.inference import predict_tta
 
     device = next(model.ensemble.parameters()).device
-    x = model.normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+    # Ray hands read-only arrays over; torch wants to own writable memory (copied only when needed).
+    x = model.normalize(torch.from_numpy(np.require(images, requirements=("C", "W"))).to(device))
     if model.spec.input_scale != 1.0:
         scales = tuple(s * model.spec.input_scale for s in settings.scales)
     else:
@@ -189,7 +190,7 @@ def score_split(
         },
         batch_size=1,
         batch_format="numpy",
-        concurrency=(1, workers),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
         num_cpus=1,
     )
     cm = ConfusionMatrix(data.num_classes)

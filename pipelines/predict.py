@@ -374,7 +374,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
             },
             batch_size=cfg.batch_size,
             batch_format="numpy",
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=0.5 if cfg.num_gpus else 1,
             num_gpus=cfg.num_gpus,
         )

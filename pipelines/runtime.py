@@ -1,8 +1,10 @@
 """Connecting to Ray: one front door so every stage attaches to the same cluster the same way.
 
-Quiet by default: segpipe prints its own progress lines, Ray Data's progress bars, Tune's status table and
-the results; Ray's INFO logs (cluster start, operator plans, worker group states) go to Ray's log files
-under /tmp/ray/session_latest/logs. `segpipe --verbose` (or SEGPIPE_VERBOSE=1) brings them back.
+Quiet by default: segpipe prints its own progress lines (epochs, trials, steps), the driver's Ray Data
+progress bars (prepare, predict) and the results. Ray's INFO logs (cluster start, operator plans, worker
+group states, checkpoint reports, Serve's access logs), Tune's tables and the progress of the datasets
+that Ray workers run (every training feed) go to Ray's log files under /tmp/ray/session_latest/logs.
+`segpipe --verbose` (or SEGPIPE_VERBOSE=1) brings them back.
 """
 
 from __future__ import annotations
@@ -22,19 +24,58 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
 
 
+def log_level() -> int:
+    """The console level of Ray's loggers: INFO with --verbose, else WARNING."""
+    return logging.INFO if verbose() else logging.WARNING
+
+
 def tune_verbosity() -> int:
-    """Tune's `verbose`: its status table only (1), or every trial result as well (3, Tune's default)."""
-    return 3 if verbose() else 1
+    """Tune's `verbose`: silent (0; segpipe prints each trial's epochs), or every table and result (3)."""
+    return 3 if verbose() else 0
 
 
 def quiet_ray_data() -> None:
     """Ray Data's INFO records (execution plans, periodic progress summaries) to its log file only."""
     import ray.data  # noqa: F401  (importing it installs Ray Data's logging configuration)
 
-    level = logging.INFO if verbose() else logging.WARNING
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(level)
+            handler.setLevel(log_level())
+    if not verbose():  # connecting to Serve, MLflow creating its tables: INFO, not for the terminal
+        for name in ("ray.serve", "mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if verbose() else "false")
+
+
+def quiet_worker_env() -> dict[str, str]:
+    """Environment for the Ray workers of a local instance started quiet.
+
+    Datasets that workers execute (each training feed, in Ray Train's split coordinator or a Tune trial)
+    would print their progress summaries on the terminal every few seconds: their bars are off and
+    Ray Data's console handler shows warnings only. Ray Data's log file keeps everything.
+    Tune prints a short header per search whatever its verbosity.
+    """
+    if verbose():
+        return {}
+    import copy
+    import tempfile
+
+    import yaml
+    from ray.data._internal.logging import DEFAULT_CONFIG
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "WARNING"
+    # Its one record here says that the bars are off, which is what was asked for.
+    config["loggers"]["ray.data._internal.progress"] = {"level": "ERROR", "propagate": True}
+    path = os.path.join(tempfile.gettempdir(), f"segpipe-ray-data-logging-{os.getuid()}.yaml")
+    with open(path, "w") as out:
+        yaml.safe_dump(config, out)
+    return {
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "RAY_DATA_LOGGING_CONFIG": path,
+        # Deprecations inside Ray's own calls (Ray Train passing Ray Data an old option) are Ray's to fix.
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    }
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
@@ -47,14 +88,15 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     quiet_ray_data()
     if ray.is_initialized():
         return False
-    level = logging.INFO if verbose() else logging.WARNING
     kwargs: dict = {
-        "logging_level": level,
+        "logging_level": log_level(),
         "configure_logging": True,
         # The level of every task and actor of the job (Ray Train's controller, Ray Data's workers).
-        "logging_config": ray.LoggingConfig(log_level=logging.getLevelName(level)),
+        "logging_config": ray.LoggingConfig(log_level=logging.getLevelName(log_level())),
     }
     if not os.environ.get("RAY_ADDRESS"):
+        # Only for an instance started here: a job on a cluster keeps the runtime environment it was given.
+        kwargs["runtime_env"] = {"env_vars": quiet_worker_env()}
         # A fresh local instance with CPUs as asked or all. The dashboard (on 127.0.0.1 only) serves Ray's
         # state API, which Ray Train's PlacementGroupCleaner needs to free the CPUs of a run that Tune stopped
         # early (ASHA); without it those placement groups leak and later trials wait forever.

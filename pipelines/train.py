@@ -10,6 +10,7 @@ At the end the best checkpoint (by val mIoU) becomes a self-describing model fol
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -21,6 +22,7 @@ from typing import Any
 from pipelines import tracking
 from pipelines.config import TrainConfig
 from pipelines.errors import UserError
+from pipelines.runtime import log_level, verbose
 
 
 @dataclass(frozen=True)
@@ -145,12 +147,15 @@ def train_feed(cfg: TrainConfig, data):
     # of >= 1 MiB of encoded images (~17 VOC images, more when the split is large), and a task's crops only
     # leave it when its whole block is done, so the first batch of an epoch waited for whole blocks.
     blocks = max(1, data.manifest.splits["train"].rows // rows_per_task)
-    return data.split("train", shuffle="files", override_num_blocks=blocks).map_batches(
+    feed = data.split("train", shuffle="files", override_num_blocks=blocks).map_batches(
         augment_batch,
         fn_kwargs={"params": AugmentParams.from_train_config(cfg)},
         batch_size=rows_per_task,
         batch_format="numpy",
     )
+    # Ray Train's split coordinator runs it every epoch; segpipe's epoch lines are the progress to show.
+    feed.context.enable_progress_bars = verbose()
+    return feed
 
 
 def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = None):
@@ -189,6 +194,8 @@ def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = N
             storage_path=cfg.storage,
             callbacks=callbacks or None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Worker group states, checkpoint and report records: INFO, for Ray's log files.
+            logging_config=ray.train.LoggingConfig(log_level=logging.getLevelName(log_level())),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoints_to_keep,
                 checkpoint_score_attribute="val_miou",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import tempfile
 import time
@@ -247,6 +248,16 @@ def init_from(model, cfg: TrainConfig, config: dict[str, Any], rank: int) -> Non
         print(f"[segpipe] initialised {len(report.copied)} tensors from {cfg.init_from}")
 
 
+def quiet_report_records() -> None:
+    """Ray Train 2.60 logs each `report` at INFO through a logger named after its source file, outside
+    `ray.train`, so the run's LoggingConfig does not reach it: give it the same level here."""
+    from ray.train.v2._internal.execution import context
+
+    from pipelines.runtime import log_level
+
+    logging.getLogger(context.__file__).setLevel(log_level())
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: {"cfg": TrainConfig dict, "classes", "palette", "run_id",
     "tracking_uri", "iters_per_epoch", "fingerprint"}."""
@@ -254,6 +265,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipelines import tracking
+
+    quiet_report_records()
     from pipelines.dataset import open_prepared
     from segmodels import build_model
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from ray import serve
 
 from pipelines.errors import UserError
+from pipelines.runtime import log_level
 from pipelines.serve.config import APP_NAME, ServeConfig, config_from_args
 from pipelines.serve.crf import CRFRefiner
 from pipelines.serve.ingress import SegmentationIngress
@@ -105,9 +107,17 @@ def start_server(cfg: ServeConfig) -> str:
             "host": cfg.host,
             "port": cfg.port,
             "request_timeout_s": cfg.request_timeout_s + PROXY_TIMEOUT_MARGIN_S,
-        }
+        },
+        # Controller and proxy records to Serve's log files unless --verbose.
+        logging_config={"log_level": logging.getLevelName(log_level())},
     )
-    serve.run(application, name=APP_NAME, route_prefix="/")
+    # The replicas' too, access logs included.
+    serve.run(
+        application,
+        name=APP_NAME,
+        route_prefix="/",
+        logging_config={"log_level": logging.getLevelName(log_level())},
+    )
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     return f"http://{host}:{cfg.port}"
 
