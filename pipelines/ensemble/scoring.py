@@ -74,14 +74,14 @@ def image_probs(shard: dict[str, np.ndarray]) -> list[np.ndarray]:
 class ScoreCandidates:
     """Ray Data actor: every candidate model loaded once; one batch of images in, one shard written."""
 
-    def __init__(self, payload_refs, out: str, stride: int, device: str):
+    def __init__(self, payload_refs, out: str, stride: int, device: str, threads: int = 1):
         import ray
         import torch
 
         from pipelines.evaluate import materialize
         from segmodels.artifact import load_model_dir
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         # The refs travel inside a list so Ray hands them over unresolved; fetched once per actor.
         self.models = [load_model_dir(materialize(ray.get(ref)), device) for ref in payload_refs[0]]
         self.out, self.stride = out, stride
@@ -152,7 +152,12 @@ def score_candidates(
     if max_images:
         ds = ds.limit(max_images)
     gpus = cluster_gpus()
-    workers = concurrency or max(1, int(gpus or ray.cluster_resources().get("CPU", 1)))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # A fixed pool (as `segpipe predict`): on CPUs one actor per core but one, the last core left to the
+    # read tasks, and the actors' torch threads use the cores they hold, so 2 cores score with 2 threads.
+    # A pool left to grow from one actor stayed at one here, scoring on a single core.
+    workers = concurrency or max(1, int(gpus) if gpus else cpus - 1)
+    threads = 1 if gpus else max(1, cpus // workers)
     payload_refs = [[ray.put(model_payload(f)) for f in folders]]
     scored = ds.map_batches(
         ScoreCandidates,
@@ -161,10 +166,11 @@ def score_candidates(
             "out": out,
             "stride": stride,
             "device": "cuda" if gpus else "cpu",
+            "threads": threads,
         },
         batch_size=images_per_shard,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+        compute=ray.data.ActorPoolStrategy(size=workers),
         **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
     )
     shards = [
