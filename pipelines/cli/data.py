@@ -1,0 +1,106 @@
+"""Data stage: `synth` (generated datasets in the published layouts) and `prepare` (parquet shards)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines.cli.common import write_json
+
+
+# ---------------------------------------------------------------------------------------------- synth
+def add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write a small learnable dataset in a published layout (VOC, SBD, COCO, Cityscapes)",
+        description="Write a synthetic dataset in exactly the published layout and file naming, "
+        "for the demo and the tests: each class has its own colour and shape. Pass the result to "
+        "`segpipe prepare --root` (layout coco serves both --dataset coco and coco_voc).",
+    )
+    p.add_argument("--layout", required=True, choices=["voc", "voc_aug", "coco", "cityscapes"])
+    p.add_argument("--out", required=True, help="folder to create the dataset in")
+    p.add_argument("--num-train", type=int, default=32, help="training images (default: 32)")
+    p.add_argument("--num-val", type=int, default=16, help="validation images (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="fixed image size (default: 96x128 to 120x160, varying; Cityscapes 96x192)",
+    )
+    p.set_defaults(run=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> None:
+    from pipelines.synth import SynthConfig, synthesize
+
+    cfg = SynthConfig(
+        layout=args.layout,
+        out=args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        seed=args.seed,
+        size=tuple(args.size) if args.size else None,
+    )
+    print(
+        f"wrote {args.num_train} train + {args.num_val} val images ({args.layout} layout) to {synthesize(cfg)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+def add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="validate a published dataset and write parquet shards + manifest (Ray Data)",
+        description="Read a dataset as published (local folder or s3://bucket/prefix), decode and "
+        "validate every sample, convert its labels to class masks and write DST/{split}/*.parquet, "
+        "DST/quarantine.jsonl and DST/manifest.json (last). S3 uses AWS_ENDPOINT_URL and the "
+        "standard AWS credential variables.",
+    )
+    p.add_argument("--dataset", required=True, choices=["voc", "voc_aug", "coco", "coco_voc", "cityscapes"])
+    p.add_argument("--root", required=True, help="the dataset as published: folder or s3://bucket/prefix")
+    p.add_argument(
+        "--out", required=True, help="where to write the prepared dataset: folder or s3://bucket/prefix"
+    )
+    p.add_argument("--splits", default="", help="comma-separated splits (default: train,val)")
+    p.add_argument(
+        "--max-side", type=int, help="downscale so the longer side is at most this (default: keep sizes)"
+    )
+    p.add_argument(
+        "--shard-mb", type=float, default=128.0, help="target parquet shard size in MB (default: 128)"
+    )
+    p.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="fail, publishing nothing, if more samples than this are quarantined (default: 0.01)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--json-out", help="also write the summary as JSON to this file")
+    p.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    from pipelines.prepare import PrepareConfig, TooManyBadSamples, format_summary, prepare
+
+    cfg = PrepareConfig(
+        dataset=args.dataset,
+        root=args.root,
+        out=args.out,
+        splits=tuple(s for s in args.splits.split(",") if s),
+        max_side=args.max_side,
+        shard_mb=args.shard_mb,
+        max_bad_fraction=args.max_bad_fraction,
+        progress=not args.no_progress,
+    )
+    try:
+        result = prepare(cfg)
+    except TooManyBadSamples as err:
+        print(format_summary(err.result))
+        write_json(args.json_out, err.result.to_dict())
+        raise
+    print(format_summary(result))
+    write_json(args.json_out, result.to_dict())
+
+
+COMMANDS = [add_synth, add_prepare]
