@@ -67,7 +67,7 @@ def make_input(work: Path, images: int, size: tuple[int, int]) -> tuple[str, lis
     from pipelines.dataset import open_prepared
     from pipelines.prepare import PrepareConfig, prepare
     from pipelines.synth import SynthConfig, synthesize
-    from segmodels import IMAGENET_MEAN, IMAGENET_STD, build_model
+    from segmodels import build_model
     from segmodels.artifact import MemberSpec, ModelSpec, save_model_dir
 
     data_dir = work / f"data-{images}"
@@ -86,15 +86,7 @@ def make_input(work: Path, images: int, size: tuple[int, int]) -> tuple[str, lis
             member = MemberSpec(
                 arch=arch, num_classes=data.num_classes, weights="m.safetensors", model_args=args
             )
-            spec = ModelSpec(
-                name=arch,
-                classes=list(data.classes),
-                palette=[list(p) for p in data.palette],
-                members=[member],
-                ensemble_weights=[1.0],
-                mean=list(IMAGENET_MEAN),
-                std=list(IMAGENET_STD),
-            )
+            spec = ModelSpec.single(arch, member, data.classes, data.palette)
             save_model_dir(folder, spec, [net.state_dict()])
         folders.append(str(folder))
     return str(data_dir), folders

@@ -38,16 +38,11 @@ def model_folder(folder: Path, arch: str, width: float) -> Path:
     torch.manual_seed(0)
     args = {"width": width} if arch != "pspnet" else {}
     net = segmodels.build_model(arch, NUM_CLASSES, **args).eval()
-    spec = ModelSpec(
-        name="bench",
-        classes=[f"c{i}" for i in range(NUM_CLASSES)],
-        palette=[[(37 * i) % 256, (91 * i) % 256, (53 * i) % 256] for i in range(NUM_CLASSES)],
-        members=[
-            MemberSpec(arch=arch, num_classes=NUM_CLASSES, weights="member0.safetensors", model_args=args)
-        ],
-        ensemble_weights=[1.0],
-        mean=list(segmodels.IMAGENET_MEAN),
-        std=list(segmodels.IMAGENET_STD),
+    spec = ModelSpec.single(
+        "bench",
+        MemberSpec(arch=arch, num_classes=NUM_CLASSES, weights="member0.safetensors", model_args=args),
+        [f"c{i}" for i in range(NUM_CLASSES)],
+        [[(37 * i) % 256, (91 * i) % 256, (53 * i) % 256] for i in range(NUM_CLASSES)],
     )
     return save_model_dir(folder, spec, [net.state_dict()])
 

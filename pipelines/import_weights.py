@@ -199,15 +199,7 @@ def import_weights(cfg: ImportConfig) -> dict[str, Any]:
         source=str(path.resolve()),
         input=converted.convention,
     )
-    spec = ModelSpec(
-        name=cfg.register_as or path.stem,
-        classes=classes,
-        palette=palette,
-        members=[member],
-        ensemble_weights=[1.0],
-        mean=list(segmodels.IMAGENET_MEAN),
-        std=list(segmodels.IMAGENET_STD),
-    )
+    spec = ModelSpec.single(cfg.register_as or path.stem, member, classes, palette)
     out = save_model_dir(cfg.out, spec, [model.state_dict()])
     summary = {
         "out": str(out),

@@ -209,7 +209,6 @@ def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = N
 
 def model_spec_from_state(state: dict[str, Any], name: str, source: str):
     """Checkpoint state.json -> single-member ModelSpec (the registry's self-describing format)."""
-    from segmodels import IMAGENET_MEAN, IMAGENET_STD
     from segmodels.artifact import MemberSpec, ModelSpec
 
     cfg = state["config"]
@@ -223,14 +222,11 @@ def model_spec_from_state(state: dict[str, Any], name: str, source: str):
         metrics=scores,
         source=source,
     )
-    return ModelSpec(
-        name=name,
-        classes=state["classes"],
-        palette=state["palette"],
-        members=[member],
-        ensemble_weights=[1.0],
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
+    return ModelSpec.single(
+        name,
+        member,
+        state["classes"],
+        state["palette"],
         metrics=scores,
         dataset_fingerprint=state["fingerprint"],
     )

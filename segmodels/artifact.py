@@ -94,6 +94,20 @@ class ModelSpec:
     metrics: dict[str, Any] = field(default_factory=dict)
     dataset_fingerprint: str = ""
 
+    @classmethod
+    def single(cls, name: str, member: MemberSpec, classes, palette, **fields: Any) -> ModelSpec:
+        """A one-network model normalised with ImageNet's statistics (the member keeps its own convention)."""
+        return cls(
+            name=name,
+            classes=list(classes),
+            palette=[list(p) for p in palette],
+            members=[member],
+            ensemble_weights=[1.0],
+            mean=list(IMAGENET_MEAN),
+            std=list(IMAGENET_STD),
+            **fields,
+        )
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)

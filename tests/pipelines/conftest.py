@@ -115,7 +115,7 @@ def make_candidate(prepared_voc):
     import torch
 
     from pipelines.dataset import open_prepared
-    from segmodels import IMAGENET_MEAN, IMAGENET_STD, build_model
+    from segmodels import build_model
     from segmodels.artifact import MemberSpec, ModelSpec, save_model_dir
 
     data = open_prepared(prepared_voc)
@@ -131,15 +131,7 @@ def make_candidate(prepared_voc):
         member = MemberSpec(
             arch="unet", num_classes=data.num_classes, weights="m.safetensors", model_args=args
         )
-        spec = ModelSpec(
-            name=f"candidate{seed}",
-            classes=list(data.classes),
-            palette=[list(p) for p in data.palette],
-            members=[member],
-            ensemble_weights=[1.0],
-            mean=list(IMAGENET_MEAN),
-            std=list(IMAGENET_STD),
-        )
+        spec = ModelSpec.single(f"candidate{seed}", member, data.classes, data.palette)
         return save_model_dir(path, spec, [net.state_dict()])
 
     return make

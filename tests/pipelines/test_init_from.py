@@ -26,18 +26,11 @@ def trained_folder(
         k: torch.randn_like(v) if randomize and v.is_floating_point() else v
         for k, v in segmodels.build_model(arch, num_classes, **model_args).state_dict().items()
     }
-    spec = ModelSpec(
-        name=arch,
-        classes=[f"c{i}" for i in range(num_classes)],
-        palette=[[i, i, i] for i in range(num_classes)],
-        members=[
-            MemberSpec(
-                arch=arch, num_classes=num_classes, weights="member0.safetensors", model_args=model_args
-            )
-        ],
-        ensemble_weights=[1.0],
-        mean=list(segmodels.IMAGENET_MEAN),
-        std=list(segmodels.IMAGENET_STD),
+    spec = ModelSpec.single(
+        arch,
+        MemberSpec(arch=arch, num_classes=num_classes, weights="member0.safetensors", model_args=model_args),
+        [f"c{i}" for i in range(num_classes)],
+        [[i, i, i] for i in range(num_classes)],
     )
     return save_model_dir(folder, spec, [state]), state
 

@@ -209,28 +209,19 @@ def test_promote_moves_champion_only_on_improvement(searched, prepared_voc, stor
 
     # An untrained network as the only candidate: a worse challenger (version 2) must not be promoted.
     from pipelines.dataset import open_prepared
-    from segmodels import IMAGENET_MEAN, IMAGENET_STD, build_model
+    from segmodels import build_model
     from segmodels.artifact import MemberSpec, ModelSpec, save_model_dir
 
     data = open_prepared(prepared_voc)
     torch.manual_seed(0)
     net = build_model("unet", 21, width=0.125, padding="same")
-    spec = ModelSpec(
-        name="untrained",
-        classes=list(data.classes),
-        palette=[list(p) for p in data.palette],
-        members=[
-            MemberSpec(
-                arch="unet",
-                num_classes=21,
-                weights="member0.safetensors",
-                model_args={"width": 0.125, "padding": "same"},
-            )
-        ],
-        ensemble_weights=[1.0],
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
+    member = MemberSpec(
+        arch="unet",
+        num_classes=21,
+        weights="member0.safetensors",
+        model_args={"width": 0.125, "padding": "same"},
     )
+    spec = ModelSpec.single("untrained", member, data.classes, data.palette)
     folder = save_model_dir(tmp_path / "untrained", spec, [net.state_dict()])
     build_ensemble(
         EnsembleConfig(
