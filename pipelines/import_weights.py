@@ -19,8 +19,9 @@ from typing import Any
 from pipelines.errors import UserError
 
 FORMATS = ("auto", "caffe", "torch", "mmseg", "semseg")
-CLASS_SETS = ("voc", "cityscapes", "coco")
-DEFAULT_CLASSES = {21: "voc", 19: "cityscapes", 81: "coco"}
+CLASS_SETS = ("voc", "cityscapes", "coco", "cells")
+DEFAULT_CLASSES = {21: "voc", 19: "cityscapes", 81: "coco", 2: "cells"}
+BINARY_SETS = {"cells": ["background", "cell"]}  # U-Net's ISBI cell-tracking releases
 FINAL_LAYER = {  # the classifier whose output count is the number of classes
     "fcn32s": "score_fr.weight",
     "fcn16s": "score_fr.weight",
@@ -29,6 +30,7 @@ FINAL_LAYER = {  # the classifier whose output count is the number of classes
     "dilation": "final.weight",
     "deconvnet": "score.weight",
     "pspnet": "classifier.2.weight",
+    "unet": "final.weight",
 }
 SHOW = 20  # names listed per kind of problem
 
@@ -106,7 +108,10 @@ def class_set(choice: str, num_classes: int) -> tuple[list[str], list[list[int]]
             f"the file predicts {num_classes} classes: pass --classes voc|cityscapes|coco or a text file "
             "with one class name per line"
         )
-    if choice in CLASS_SETS:
+    if choice in BINARY_SETS:
+        classes = BINARY_SETS[choice]
+        palette = [list(c) for c in voc_colormap(len(classes))]
+    elif choice in CLASS_SETS:
         layout = get_layout(choice)
         classes, palette = list(layout.classes), [list(c) for c in layout.palette]
     else:

@@ -29,7 +29,13 @@ from segmodels.transforms import IMAGENET_MEAN, IMAGENET_STD
 FORMAT = "segpipe-model"
 FORMAT_VERSION = 2  # 2: members carry an `input` convention (absent in 1 = ImageNet RGB 0-1)
 SPEC_FILE = "model.json"
-CHANNEL_ORDERS = ("rgb", "bgr")
+CHANNEL_ORDERS = ("rgb", "bgr", "gray")
+# Each channel order as rows over R, G, B: gray is ITU-R 601 luma, as PIL's "L" conversion.
+CHANNEL_MIX = {
+    "rgb": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+    "bgr": ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)),
+    "gray": ((0.299, 0.587, 0.114),),
+}
 VALUE_SCALES = (1.0, 255.0)
 
 
@@ -37,8 +43,9 @@ VALUE_SCALES = (1.0, 255.0)
 class InputConvention:
     """How one member network expects its input: x = (pixels[channel_order] * scale/255 - mean) / std.
 
-    `mean` and `std` are in the member's channel order and value scale: ImageNet RGB 0-1 (segpipe's own
-    training) is the default; the Caffe releases are `bgr`, scale 255, their mean, std 1.
+    `mean` and `std` are in the member's channel order and value scale, one value per channel: ImageNet
+    RGB 0-1 (segpipe's own training) is the default; the Caffe releases are `bgr`, scale 255, their mean,
+    std 1; U-Net's release reads one `gray` channel of raw 0-255 values.
     """
 
     channel_order: str = "rgb"
@@ -51,8 +58,12 @@ class InputConvention:
             raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
         if float(self.scale) not in VALUE_SCALES:
             raise ValueError(f"scale must be 1 (pixels 0-1) or 255 (pixels 0-255), got {self.scale!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
-            raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean!r}, {self.std!r}")
+        channels = len(CHANNEL_MIX[self.channel_order])
+        if len(self.mean) != channels or len(self.std) != channels or any(s <= 0 for s in self.std):
+            raise ValueError(
+                f"mean and std need {channels} value(s) each for {self.channel_order}, std > 0; "
+                f"got {self.mean!r}, {self.std!r}"
+            )
         # JSON gives lists: store tuples so equal conventions compare (and hash) equal.
         object.__setattr__(self, "scale", float(self.scale))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -152,8 +163,9 @@ def read_spec(path: str | Path) -> ModelSpec:
 class ConventionAdapter(nn.Module):
     """Feeds `network` its own input convention: forward(x: N,3,H,W in `source` convention) -> its output.
 
-    The conversion is one per-channel affine map (plus a channel flip for rgb <-> bgr), so it commutes with
-    the resizing, flipping and sliding of `segmodels.inference`.
+    The conversion is one affine map per pixel across channels (a gain and shift per channel, a channel
+    flip for rgb <-> bgr, luma for gray), so it commutes with the resizing, flipping and sliding of
+    `segmodels.inference`.
     """
 
     def __init__(self, network: nn.Module, target: InputConvention, source: InputConvention) -> None:
@@ -161,21 +173,25 @@ class ConventionAdapter(nn.Module):
         self.network = network
         self.num_classes = getattr(network, "num_classes", None)
         self.arch = getattr(network, "arch", type(network).__name__)
-        flip = source.channel_order != target.channel_order
-        # source value v -> pixel p (0-1) = (v * std_s + mean_s) / scale_s; target channel c reads p[perm[c]]
-        # and becomes (p * scale_t - mean_t) / std_t: one gain and shift per channel (float64, then float32).
-        perm = [2, 1, 0] if flip else [0, 1, 2]
-        s_mean, s_std = (torch.tensor(v, dtype=torch.float64)[perm] for v in (source.mean, source.std))
-        s_mean, s_std = s_mean / source.scale, s_std / source.scale
-        t_mean, t_std = (torch.tensor(v, dtype=torch.float64) for v in (target.mean, target.std))
-        gain = s_std * target.scale / t_std
-        shift = (s_mean * target.scale - t_mean) / t_std
-        self.register_buffer("perm", torch.tensor(perm), persistent=False)
-        self.register_buffer("gain", gain.float().view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", shift.float().view(1, 3, 1, 1), persistent=False)
+        if source.channel_order == "gray":
+            raise ValueError("the source convention must have 3 channels (rgb or bgr)")
+        f64 = torch.float64
+        # source value v -> RGB pixel p (0-1) = S^T (v * std_s + mean_s) / scale_s, with S the source's rows
+        # over RGB (a permutation); target channel c = (scale_t * (T p)_c - mean_t_c) / std_t_c, with T the
+        # target's rows over RGB. So x_t = A v + b: computed in float64, stored as float32.
+        rows_s = torch.tensor(CHANNEL_MIX[source.channel_order], dtype=f64)
+        rows_t = torch.tensor(CHANNEL_MIX[target.channel_order], dtype=f64)
+        s_mean, s_std = (torch.tensor(v, dtype=f64) / source.scale for v in (source.mean, source.std))
+        t_mean, t_std = (torch.tensor(v, dtype=f64) for v in (target.mean, target.std))
+        to_rgb = rows_s.T  # v-space -> RGB
+        matrix = target.scale * (rows_t @ to_rgb) * s_std / t_std[:, None]
+        shift = (target.scale * rows_t @ (to_rgb @ s_mean) - t_mean) / t_std
+        self.register_buffer("matrix", matrix.float(), persistent=False)
+        self.register_buffer("shift", shift.float().view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> Any:
-        return self.network(x.index_select(1, self.perm) * self.gain.to(x.dtype) + self.shift.to(x.dtype))
+        mixed = torch.einsum("ck,nkhw->nchw", self.matrix.to(x.dtype), x)
+        return self.network(mixed + self.shift.to(x.dtype))
 
 
 def load_member(

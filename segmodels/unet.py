@@ -10,6 +10,10 @@ tile, so the valid centre of a 572 crop (what the overlap-tile loss scores, `seg
 is exactly the paper's 388 output of that crop and never depends on the mirrored border.
 `padding="same"` uses padded convs + batch norm (a common modern variant); the input is mirrored up to a
 multiple of 16.
+
+The authors' released network (`phseg_v5`, u-net-release-2015-10-02) differs from Fig. 1 in two details
+that its weights need: a ReLU after every up-convolution (`upconv_relu=True`) and 128 output channels on
+the last up-convolution instead of 64 (`last_up_channels=128`); `segpipe import-weights` sets both.
 """
 
 from __future__ import annotations
@@ -56,11 +60,23 @@ class UNet(SegmentationModel):
     arch = "unet"
     backbone_children = ("down", "up", "up_convs")
 
-    def __init__(self, num_classes: int, *, in_channels: int = 3, width: float = 1.0, padding: str = "valid"):
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        in_channels: int = 3,
+        width: float = 1.0,
+        padding: str = "valid",
+        upconv_relu: bool = False,
+        last_up_channels: int = 0,
+    ):
         super().__init__(num_classes, in_channels=in_channels, width=width)
         if padding not in ("valid", "same"):
             raise ValueError(f"unet padding must be 'valid' (the paper) or 'same', got {padding!r}")
+        if last_up_channels < 0:
+            raise ValueError(f"last_up_channels must be >= 0 (0: the paper's), got {last_up_channels}")
         self.padding = padding
+        self.upconv_relu = upconv_relu
         same = padding == "same"
         ch = [scaled(c, width) for c in CHANNELS]
         self.down = nn.ModuleList(
@@ -68,10 +84,14 @@ class UNet(SegmentationModel):
         )
         self.pool = nn.MaxPool2d(2, 2)
         self.dropout = nn.Dropout(0.5)  # "at the end of the contracting path"
+        up_out = [*ch[-2:0:-1], last_up_channels or ch[0]]  # what each up-convolution hands its level
         self.up = nn.ModuleList(
-            nn.ConvTranspose2d(a, b, 2, stride=2) for a, b in zip(ch[:0:-1], ch[-2::-1], strict=True)
+            nn.ConvTranspose2d(a, b, 2, stride=2) for a, b in zip(ch[:0:-1], up_out, strict=True)
         )
-        self.up_convs = nn.ModuleList(double_conv(2 * b, b, same) for b in ch[-2::-1])
+        # Each level's convs read [cropped skip, up-sampled] and keep the skip's width.
+        self.up_convs = nn.ModuleList(
+            double_conv(b + u, b, same) for b, u in zip(ch[-2::-1], up_out, strict=True)
+        )
         self.final = nn.Conv2d(ch[0], num_classes, 1)
         self._init_weights()
 
@@ -108,6 +128,8 @@ class UNet(SegmentationModel):
         x = self.dropout(x)
         for up, block, skip in zip(self.up, self.up_convs, reversed(skips), strict=True):
             x = up(x)
+            if self.upconv_relu:
+                x = torch.relu(x)
             x = block(torch.cat([center_crop(skip, x.shape[-2:]), x], dim=1))
         return self.final(x)[..., shift : shift + height, shift : shift + width]
 
@@ -118,6 +140,22 @@ def valid_input(size: int) -> int:
 
 
 @register_model
-def unet(*, num_classes: int, in_channels: int = 3, width: float = 1.0, padding: str = "valid") -> UNet:
-    """U-Net (arXiv:1505.04597); padding="valid" is the paper's network, "same" adds BN and padded convs."""
-    return UNet(num_classes, in_channels=in_channels, width=width, padding=padding)
+def unet(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    width: float = 1.0,
+    padding: str = "valid",
+    upconv_relu: bool = False,
+    last_up_channels: int = 0,
+) -> UNet:
+    """U-Net (arXiv:1505.04597); padding="valid" is the paper's network, "same" adds BN and padded convs;
+    upconv_relu / last_up_channels=128 give the authors' released phseg_v5 network."""
+    return UNet(
+        num_classes,
+        in_channels=in_channels,
+        width=width,
+        padding=padding,
+        upconv_relu=upconv_relu,
+        last_up_channels=last_up_channels,
+    )

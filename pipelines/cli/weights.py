@@ -27,7 +27,9 @@ def add_import_weights(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-classes", type=int, default=0, help="check the file predicts N classes")
     p.add_argument(
-        "--classes", default="", help="voc, cityscapes, coco or a file of class names (default: by count)"
+        "--classes",
+        default="",
+        help="voc, cityscapes, coco, cells or a file of class names (default: by count)",
     )
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument(

@@ -41,6 +41,9 @@ DILATION_CONTEXT = (
     "ct_fc1",
     "ct_final",
 )
+# U-Net's release (u-net-release-2015-10-02, phseg_v5 with normImage = false, scaleImage = 1): the raw
+# single-channel 0-255 values, nothing subtracted.
+UNET_GRAY = InputConvention(channel_order="gray", scale=255, mean=(0.0,), std=(1.0,))
 # hszhao/semseg and MMSegmentation: RGB, 0-255, ImageNet mean/std in 0-255 units.
 IMAGENET_255 = InputConvention(
     channel_order="rgb", scale=255, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)
@@ -263,6 +266,43 @@ def map_mmseg(source: dict[str, torch.Tensor], arch: str) -> Converted:
     return out
 
 
+def map_unet(source: dict[str, torch.Tensor], arch: str) -> Converted:
+    """U-Net phseg_v5 (u-net-release): conv_d0a-b .. conv_d4b-c, upconv_d4c_u3a .. upconv_u1d_u0a,
+    conv_u3b-c .. conv_u0c-d, conv_u0d-score; unpadded 3x3 convs, a ReLU after each up-convolution.
+
+    The release concatenates [up-sampled, cropped skip] where segpipe reads [skip, up-sampled], so the
+    first conv of each expanding level gets its input channels swapped back.
+    """
+    out = Converted(arch="unet", convention=UNET_GRAY)
+    for level in range(5):
+        for conv, name in enumerate((f"conv_d{level}a-b", f"conv_d{level}b-c")):
+            for p in ("weight", "bias"):
+                out.take(source, f"{name}.{p}", f"down.{level}.{2 * conv}.{p}")
+    ups = ("upconv_d4c_u3a", "upconv_u3d_u2a", "upconv_u2d_u1a", "upconv_u1d_u0a")
+    for index, (up, level) in enumerate(zip(ups, (3, 2, 1, 0), strict=True)):
+        for p in ("weight", "bias"):
+            out.take(source, f"{up}.{p}", f"up.{index}.{p}")
+        for p in ("weight", "bias"):
+            out.take(source, f"conv_u{level}c-d.{p}", f"up_convs.{index}.2.{p}")
+        out.take(source, f"conv_u{level}b-c.bias", f"up_convs.{index}.0.bias")
+        first, upconv = source.get(f"conv_u{level}b-c.weight"), source.get(f"{up}.weight")
+        if first is not None and upconv is not None and first.ndim == 4 and upconv.ndim == 4:
+            n_up = upconv.shape[1]  # ConvTranspose2d / Caffe Deconvolution blob: (in, out, kh, kw)
+            out.state[f"up_convs.{index}.0.weight"] = torch.cat([first[:, n_up:], first[:, :n_up]], dim=1)
+            out.used.add(f"conv_u{level}b-c.weight")
+    for p in ("weight", "bias"):
+        out.take(source, f"conv_u0d-score.{p}", f"final.{p}")
+    first, last_up = source.get("conv_d0a-b.weight"), source.get("upconv_u1d_u0a.weight")
+    out.model_args = {"padding": "valid", "upconv_relu": True}
+    if first is not None and first.ndim == 4:
+        out.model_args["in_channels"] = int(first.shape[1])
+        if first.shape[0] != 64:
+            out.model_args["width"] = first.shape[0] / 64
+    if last_up is not None and last_up.ndim == 4:
+        out.model_args["last_up_channels"] = int(last_up.shape[1])
+    return out
+
+
 def _require(arch: str, expected: str, fmt: str) -> None:
     if arch != expected:
         raise UserError(f"--format {fmt} holds a {expected} model, not {arch}: pass --arch {expected}")
@@ -276,6 +316,7 @@ MAPPERS = {
     ("caffe", "deeplab_largefov"): map_deeplab,
     ("caffe", "dilation"): map_dilation,
     ("caffe", "deconvnet"): map_deconvnet,
+    ("caffe", "unet"): map_unet,
     ("semseg", "pspnet"): map_semseg,
     ("mmseg", "pspnet"): map_mmseg,
 }

@@ -333,6 +333,82 @@ def test_deconvnet_release_imports_and_matches(tmp_path, images) -> None:
     assert_same_prediction(tmp_path / "model", images, reference, x)
 
 
+# ---------------------------------------------------------------------------------------------- U-Net
+def test_unet_phseg_release_imports_and_matches(tmp_path) -> None:
+    """phseg_v5-train.prototxt (u-net-release-2015-10-02): one gray input channel, unpadded 3x3 conv + ReLU
+    pairs conv_d0a-b .. conv_d4b-c with 2x2 max pools, dropout after d3c and d4c (identity at test time),
+    each upconv_* a 2x2 stride-2 Deconvolution followed by a ReLU, the skip centre-cropped and concatenated
+    after the up-sampled map ([u, dcc]), the last up-convolution 128 wide, conv_u0d-score 1x1 to 2 classes.
+    The tile: raw 0-255 values mirrored around the image, as the release's overlap-tile script."""
+    gen = torch.Generator().manual_seed(6)
+    ch = [64 // W, 128 // W, 256 // W, 512 // W, 1024 // W]
+    blobs: dict[str, list[torch.Tensor]] = {}
+
+    def conv(name: str, c_out: int, c_in: int, k: int = 3) -> None:
+        blobs[name] = [rand(c_out, c_in, k, k, gen=gen), torch.randn(c_out, generator=gen) * 0.1]
+
+    c_in = 1
+    for level, c in enumerate(ch):
+        conv(f"conv_d{level}a-b", c, c_in)
+        conv(f"conv_d{level}b-c", c, c)
+        c_in = c
+    ups = [("upconv_d4c_u3a", 3), ("upconv_u3d_u2a", 2), ("upconv_u2d_u1a", 1), ("upconv_u1d_u0a", 0)]
+    for name, level in ups:
+        c_up = 128 // W if level == 0 else ch[level]
+        blobs[name] = [rand(c_in, c_up, 2, 2, gen=gen), torch.randn(c_up, generator=gen) * 0.1]
+        conv(f"conv_u{level}b-c", ch[level], c_up + ch[level])
+        conv(f"conv_u{level}c-d", ch[level], ch[level])
+        c_in = ch[level]
+    conv("conv_u0d-score", 2, ch[0], 1)
+    path = tmp_path / "phseg_v5.caffemodel"
+    write_caffemodel(path, blobs, legacy=False)
+    summary = import_weights(ImportConfig(arch="unet", source=str(path), out=str(tmp_path / "model")))
+    assert summary["model_args"] == {
+        "padding": "valid",
+        "upconv_relu": True,
+        "in_channels": 1,
+        "width": 1 / W,
+        "last_up_channels": 128 // W,
+    }
+    assert summary["input"]["channel_order"] == "gray" and summary["num_classes"] == 2
+
+    gray = np.random.default_rng(1).integers(0, 256, (2, 41, 53), dtype=np.uint8)
+    h, w = gray.shape[1:]
+    # The tile: the image at offset 96 (the pooling phase), mirrored to the next valid size 16k + 124.
+    tile_h, tile_w = (16 * math.ceil((n + 4 + 60) / 16) + 124 for n in (h, w))
+    tile = np.pad(
+        gray.astype(np.float32), ((0, 0), (96, tile_h - h - 96), (96, tile_w - w - 96)), mode="reflect"
+    )
+    x = torch.from_numpy(tile)[:, None]
+
+    def centre(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        top, left = ((a - b) // 2 for a, b in zip(skip.shape[-2:], like.shape[-2:], strict=True))
+        return skip[..., top : top + like.shape[-2], left : left + like.shape[-1]]
+
+    with torch.no_grad():
+        skips = []
+        for level in range(5):
+            x = F.relu(
+                F.conv2d(F.relu(F.conv2d(x, *blobs[f"conv_d{level}a-b"])), *blobs[f"conv_d{level}b-c"])
+            )
+            if level < 4:
+                skips.append(x)
+                x = F.max_pool2d(x, 2, 2)
+        for (name, level), skip in zip(ups, reversed(skips), strict=True):
+            u = F.relu(F.conv_transpose2d(x, *blobs[name], stride=2))
+            x = torch.cat([u, centre(skip, u)], dim=1)
+            x = F.relu(
+                F.conv2d(F.relu(F.conv2d(x, *blobs[f"conv_u{level}b-c"])), *blobs[f"conv_u{level}c-d"])
+            )
+        scores = F.conv2d(x, *blobs["conv_u0d-score"])
+        assert scores.shape[-2:] == (tile_h - 184, tile_w - 184)
+        reference = scores[..., 4 : 4 + h, 4 : 4 + w]  # 96 - 92: where the image starts in the output
+    rgb = np.repeat(gray[..., None], 3, axis=-1)  # a gray image as RGB: luma gives the values back
+    assert_same_prediction(
+        tmp_path / "model", rgb, reference, torch.from_numpy(gray.astype(np.float32))[:, None]
+    )
+
+
 # ---------------------------------------------------------------------------------------------- PSPNet
 def bn_entries(state: dict, prefix: str, channels: int, gen: torch.Generator) -> None:
     state[f"{prefix}.weight"] = 1 + 0.1 * torch.randn(channels, generator=gen)
