@@ -12,6 +12,13 @@ no padding in the front end, the input reflection-padded (BORDER_REFLECT_101) by
 the bottom/right, the context module padded once by 33 before its first layer, and the stride-8 scores
 interpolated with the release's corner-aligned x8 zoom (which the release applies to probabilities,
 segpipe to logits).
+
+`release="cityscapes"` is Dilation10 (`dilation10_cityscapes_deploy.prototxt`) on that unpadded front
+end: a basic context module of ten layers (dilations up to 64, `context_layers=10`) whose convolutions are
+each zero-padded by their dilation, on a canvas of at least the release's 1396 x 1396 tile (128 x 128
+scores), and the scores up-sampled by its fixed bilinear deconvolution (`ctx_upsample`: kernel 16,
+stride 8, pad 4, one group per class) instead of the zoom. The release tiles a 2048 x 1024 image into
+1024 x 1024 outputs (margins from the neighbouring pixels); segpipe runs the whole image at once.
 """
 
 from __future__ import annotations
@@ -27,7 +34,24 @@ CONTEXT_DILATIONS = (1, 1, 2, 4, 8, 16, 1)  # layers 1-7 (3x3); layer 8 is 1x1
 LARGE_WIDTHS = (2, 2, 4, 8, 16, 32, 32, 1)  # output channels of layers 1-8, in multiples of C
 MARGIN = 186  # pixels the valid front end consumes on each side (the release's label_margin)
 RELEASE_SCORES = 66  # the release's 900 x 900 input canvas gives 66 x 66 scores (images up to 521 px)
+CITYSCAPES_SCORES = 128  # Dilation10's 1396 x 1396 tile gives 128 x 128 scores (1024 x 1024 labels)
 PADDINGS = ("same", "valid")
+RELEASES = ("", "voc", "cityscapes")
+
+
+def context_dilations(layers: int) -> tuple[int, ...]:
+    """The 3x3 layers' dilations of a context module of `layers` layers: 1, 1, 2, 4, ..., 1 (8: Table 1)."""
+    if layers < 4:
+        raise ValueError(f"a context module has at least 4 layers, got {layers}")
+    return (1, 1, *(2**k for k in range(1, layers - 3)), 1)
+
+
+def bilinear_kernel(factor: int) -> torch.Tensor:
+    """Caffe's `bilinear` filler for a 2*factor kernel (as FCN's and Dilation10's up-sampling layers)."""
+    size = 2 * factor - factor % 2
+    centre = (2 * factor - 1 - factor % 2) / (2.0 * factor)
+    ramp = 1 - (torch.arange(size, dtype=torch.float64) / factor - centre).abs()
+    return (ramp[:, None] * ramp[None, :]).float()
 
 
 class ContextModule(nn.Sequential):
@@ -41,24 +65,33 @@ class ContextModule(nn.Sequential):
     """
 
     def __init__(
-        self, num_classes: int, kind: str = "large", noise_std: float | None = None, *, valid: bool = False
+        self,
+        num_classes: int,
+        kind: str = "large",
+        noise_std: float | None = None,
+        *,
+        valid: bool = False,
+        layers: int = 8,
     ) -> None:
         if kind not in ("basic", "large"):
             raise ValueError(f"context must be 'basic', 'large' or None, got {kind!r}")
-        mults = LARGE_WIDTHS if kind == "large" else (1,) * 8
+        if kind == "large" and layers != 8:
+            raise ValueError(f"the large context module has 8 layers (Table 1), got context_layers={layers}")
+        dilations = context_dilations(layers)
+        mults = LARGE_WIDTHS if kind == "large" else (1,) * layers
         widths = [num_classes * m for m in mults]
-        layers: list[nn.Module] = []
+        modules: list[nn.Module] = []
         in_ch = num_classes
-        for index, (dilation, out_ch) in enumerate(zip(CONTEXT_DILATIONS, widths[:7], strict=True)):
-            # valid (the release): all 33 pixels of the receptive-field margin padded before layer 1.
-            padding = (sum(CONTEXT_DILATIONS) if index == 0 else 0) if valid else dilation
-            layers += [
+        for index, (dilation, out_ch) in enumerate(zip(dilations, widths[:-1], strict=True)):
+            # valid (the VOC release): the whole receptive-field margin (33) padded before layer 1.
+            padding = (sum(dilations) if index == 0 else 0) if valid else dilation
+            modules += [
                 nn.Conv2d(in_ch, out_ch, 3, padding=padding, dilation=dilation),
                 nn.ReLU(inplace=True),
             ]
             in_ch = out_ch
-        layers.append(nn.Conv2d(in_ch, widths[-1], 1))
-        super().__init__(*layers)
+        modules.append(nn.Conv2d(in_ch, widths[-1], 1))
+        super().__init__(*modules)
         self.kind = kind
         if noise_std is None:
             noise_std = 1e-3 if kind == "large" else 0.0
@@ -88,12 +121,24 @@ class Dilation(SegmentationModel):
     imagenet_source = "vgg16"
 
     def __init__(
-        self, num_classes: int, *, width: float = 1.0, context: str | None = "large", padding: str = "same"
+        self,
+        num_classes: int,
+        *,
+        width: float = 1.0,
+        context: str | None = "large",
+        padding: str = "same",
+        context_layers: int = 8,
+        release: str = "",
     ) -> None:
         super().__init__(num_classes, width=width)
         if padding not in PADDINGS:
             raise ValueError(f"dilation padding must be 'same' or 'valid' (the release), got {padding!r}")
+        if release not in RELEASES:
+            raise ValueError(f"dilation release must be one of {RELEASES[1:]} or empty, got {release!r}")
+        if release == "cityscapes" and (padding != "valid" or context != "basic" or context_layers != 10):
+            raise ValueError("the cityscapes release is padding='valid', context='basic', context_layers=10")
         self.padding = padding
+        self.release = release or ("voc" if padding == "valid" else "")
         valid = padding == "valid"
         # pool4 and pool5 removed (identity keeps torchvision's indices for conv5_x).
         pools = [nn.MaxPool2d(2, 2, ceil_mode=valid) for _ in range(3)] + [nn.Identity(), nn.Identity()]
@@ -102,18 +147,34 @@ class Dilation(SegmentationModel):
         self.fc6 = fc_block(self.features.out_channels, fc, 7, dilation=4, padding=0 if valid else 12)
         self.fc7 = fc_block(fc, fc, 1)
         self.final = nn.Conv2d(fc, num_classes, 1)
-        self.context = ContextModule(num_classes, context, valid=valid) if context is not None else None
+        self.context = None
+        if context is not None:
+            # The Cityscapes release pads each context layer by its dilation, as the paper's "same" module.
+            per_layer = self.release == "cityscapes"
+            self.context = ContextModule(
+                num_classes, context, valid=valid and not per_layer, layers=context_layers
+            )
+        if self.release == "cityscapes":
+            kernel = bilinear_kernel(8).expand(num_classes, 1, 16, 16).contiguous()
+            self.register_buffer("upsample_kernel", kernel, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         height, width = x.shape[-2:]
-        if self.padding == "valid":  # n x m scores whose corner-aligned x8 zoom covers H x W
+        if self.release == "cityscapes":  # n x m scores whose x8 deconvolution covers H x W
+            n, m = (max(CITYSCAPES_SCORES, -(-side // 8)) for side in (height, width))
+            x = mirror_pad(x, MARGIN, 8 * n + MARGIN - height, MARGIN, 8 * m + MARGIN - width)
+        elif self.padding == "valid":  # n x m scores whose corner-aligned x8 zoom covers H x W
             # At least the release's canvas: its context module sees scores beyond the image too.
             n, m = (max(RELEASE_SCORES, -(-(side - 1) // 8) + 1) for side in (height, width))
             x = mirror_pad(x, MARGIN, 8 * n + MARGIN - height, MARGIN, 8 * m + MARGIN - width)
         scores = self.final(self.fc7(self.fc6(self.features(x))))
         if self.context is not None:
             scores = self.context(scores)
+        if self.release == "cityscapes":
+            kernel = self.upsample_kernel.to(scores.dtype)
+            up = F.conv_transpose2d(scores, kernel, stride=8, padding=4, groups=scores.shape[1])
+            return up[..., :height, :width]
         if self.padding == "valid":
             zoomed = F.interpolate(scores, size=(8 * n - 7, 8 * m - 7), mode="bilinear", align_corners=True)
             return zoomed[..., :height, :width]
@@ -122,8 +183,21 @@ class Dilation(SegmentationModel):
 
 @register_model
 def dilation(
-    *, num_classes: int, width: float = 1.0, context: str | None = "large", padding: str = "same"
+    *,
+    num_classes: int,
+    width: float = 1.0,
+    context: str | None = "large",
+    padding: str = "same",
+    context_layers: int = 8,
+    release: str = "",
 ) -> Dilation:
     """Dilation front-end with the "basic"/"large" context module or None (arXiv:1511.07122);
-    padding="valid" is the released network's geometry (see the module docstring)."""
-    return Dilation(num_classes, width=width, context=context, padding=padding)
+    padding="valid" is the released network's geometry, release="cityscapes" Dilation10's (module docstring)."""
+    return Dilation(
+        num_classes,
+        width=width,
+        context=context,
+        padding=padding,
+        context_layers=context_layers,
+        release=release,
+    )

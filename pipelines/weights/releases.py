@@ -30,6 +30,23 @@ DEEPLAB_BGR = InputConvention(
 DILATION_BGR = InputConvention(
     channel_order="bgr", scale=255, mean=(102.93, 111.36, 116.52), std=(1.0, 1.0, 1.0)
 )
+# fyu/dilation's Cityscapes dataset mean (its cityscapes config), BGR, for Dilation10.
+DILATION_CITYSCAPES_BGR = InputConvention(
+    channel_order="bgr", scale=255, mean=(72.39239876, 82.90891754, 73.15835921), std=(1.0, 1.0, 1.0)
+)
+# Dilation10 context layers (dilation10_cityscapes_deploy.prototxt), then its fixed ctx_upsample.
+DILATION10_CONTEXT = (
+    "ctx_conv1_1",
+    "ctx_conv1_2",
+    "ctx_conv2_1",
+    "ctx_conv3_1",
+    "ctx_conv4_1",
+    "ctx_conv5_1",
+    "ctx_conv6_1",
+    "ctx_conv7_1",
+    "ctx_fc1",
+    "ctx_final",
+)
 # Dilation8 context layers (dilation8_pascal_voc_deploy.prototxt) in the order of segpipe's ContextModule.
 DILATION_CONTEXT = (
     "ct_conv1_1",
@@ -139,7 +156,10 @@ def map_deeplab(source: dict[str, torch.Tensor], arch: str) -> Converted:
 
 
 def map_dilation(source: dict[str, torch.Tensor], arch: str) -> Converted:
-    """Dilation8 (fyu/dilation): unpadded front end conv1_1..fc7 + fc-final, context ct_conv1_1..ct_final."""
+    """Dilation8 (fyu/dilation): unpadded front end conv1_1..fc7 + fc-final, context ct_conv1_1..ct_final;
+    Dilation10 Cityscapes when the file has ctx_* layers."""
+    if any(k.startswith("ctx_") for k in source):
+        return map_dilation10(source)
     out = Converted(arch="dilation", convention=DILATION_BGR)
     _vgg_trunk(out, source)
     for p in ("weight", "bias"):
@@ -151,6 +171,37 @@ def map_dilation(source: dict[str, torch.Tensor], arch: str) -> Converted:
     if first is not None and final is not None:
         context = "large" if first.shape[0] == 2 * final.shape[0] else "basic"
     out.model_args.update({"padding": "valid", "context": context})
+    return out
+
+
+def map_dilation10(source: dict[str, torch.Tensor]) -> Converted:
+    """Dilation10 (fyu/dilation, Cityscapes): the same unpadded front end (its classifier `final` or
+    `fc-final`), basic context ctx_conv1_1..ctx_conv7_1, ctx_fc1, ctx_final, and `ctx_upsample`, a fixed
+    bilinear deconvolution that segpipe rebuilds (the file's must be that kernel)."""
+    from segmodels.dilation import bilinear_kernel
+
+    out = Converted(arch="dilation", convention=DILATION_CITYSCAPES_BGR)
+    _vgg_trunk(out, source)
+    classifier = "final" if "final.weight" in source else "fc-final"
+    for p in ("weight", "bias"):
+        out.take(source, f"{classifier}.{p}", f"final.{p}")
+        for index, layer in enumerate(DILATION10_CONTEXT):
+            out.take(source, f"{layer}.{p}", f"context.{2 * index}.{p}")
+    upsample = source.get("ctx_upsample.weight")
+    if upsample is not None:
+        expected = bilinear_kernel(8)
+        if upsample.shape[-2:] != expected.shape or not torch.allclose(
+            upsample.reshape(-1, *expected.shape).float(),
+            expected.expand(upsample.shape[0], -1, -1),
+            atol=1e-6,
+        ):
+            raise UserError(
+                f"ctx_upsample {tuple(upsample.shape)} is not the release's fixed 16x16 bilinear kernel"
+            )
+        out.used.add("ctx_upsample.weight")
+    out.model_args.update(
+        {"padding": "valid", "context": "basic", "context_layers": 10, "release": "cityscapes"}
+    )
     return out
 
 

@@ -277,6 +277,76 @@ def test_dilation8_release_imports_and_matches(tmp_path, images) -> None:
     assert agree >= 0.999, f"{agree:.4%} of pixels agree with the release's probability zoom"
 
 
+def test_dilation10_cityscapes_release_imports_and_matches(tmp_path, images) -> None:
+    """dilation10_cityscapes_deploy.prototxt: 1396x1396 tile, the unpadded front end (classifier `final`),
+    basic context ctx_conv1_1 .. ctx_conv7_1 (dilations 1, 1, 2, ..., 64), ctx_fc1, each zero-padded by its
+    dilation, ctx_final, then ctx_upsample: a 16x16 stride-8 pad-4 bilinear Deconvolution, one group per
+    class; input BGR minus the Cityscapes mean, REFLECT_101 margin 186."""
+    gen = torch.Generator().manual_seed(7)
+    classes = 19
+    blobs = {}
+    for stage in VGG_STAGES:
+        for name, c_in, c_out in stage:
+            c_in = c_in if c_in == 3 else c_in // W
+            blobs[name] = [
+                rand(c_out // W, c_in, 3, 3, gen=gen),
+                torch.randn(c_out // W, generator=gen) * 0.1,
+            ]
+    fc = 4096 // W
+    blobs["fc6"] = [rand(fc, 512 // W, 7, 7, gen=gen), torch.randn(fc, generator=gen) * 0.1]
+    blobs["fc7"] = [rand(fc, fc, 1, 1, gen=gen), torch.randn(fc, generator=gen) * 0.1]
+    blobs["final"] = [rand(classes, fc, 1, 1, gen=gen), torch.randn(classes, generator=gen)]
+    context = [("ctx_conv1_1", 1), ("ctx_conv1_2", 1)]
+    context += [(f"ctx_conv{k}_1", 2 ** (k - 1)) for k in range(2, 8)] + [("ctx_fc1", 1)]
+    for name, _ in context:
+        blobs[name] = [rand(classes, classes, 3, 3, gen=gen), torch.randn(classes, generator=gen) * 0.1]
+    blobs["ctx_final"] = [rand(classes, classes, 1, 1, gen=gen), torch.randn(classes, generator=gen)]
+    # Caffe's bilinear filler, written out: f = 8, c = 15 / 16, w(x, y) = (1 - |x / f - c|)(1 - |y / f - c|).
+    ramp = 1 - (torch.arange(16) / 8 - 15 / 16).abs()
+    blobs["ctx_upsample"] = [(ramp[:, None] * ramp[None, :]).expand(classes, 1, 16, 16).contiguous()]
+    path = tmp_path / "dilation10_cityscapes.caffemodel"
+    write_caffemodel(path, blobs, legacy=False)
+    summary = import_weights(ImportConfig(arch="dilation", source=str(path), out=str(tmp_path / "model")))
+    assert summary["model_args"] == {
+        "width": 1 / W,
+        "padding": "valid",
+        "context": "basic",
+        "context_layers": 10,
+        "release": "cityscapes",
+    }
+    assert summary["num_classes"] == classes
+
+    h, w = images.shape[1:3]
+    mean = np.array([72.39239876, 82.90891754, 73.15835921], dtype=np.float32)
+    bgr = images[..., ::-1].astype(np.float32) - mean
+    canvas = np.pad(bgr, ((0, 0), (186, 1396 - h - 186), (186, 1396 - w - 186), (0, 0)), mode="reflect")
+    x = torch.from_numpy(canvas).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        for index, stage in enumerate(VGG_STAGES):
+            for name, *_ in stage:
+                x = F.relu(F.conv2d(x, *blobs[name], dilation=2 if index == 4 else 1))
+            x = caffe_max_pool(x) if index < 3 else x
+        x = F.relu(F.conv2d(x, *blobs["fc6"], dilation=4))
+        x = F.conv2d(F.relu(F.conv2d(x, *blobs["fc7"])), *blobs["final"])
+        for name, rate in context:
+            x = F.relu(F.conv2d(x, *blobs[name], padding=rate, dilation=rate))
+        scores = F.conv2d(x, *blobs["ctx_final"])
+        assert scores.shape[-2:] == (128, 128)
+        up = F.conv_transpose2d(scores, blobs["ctx_upsample"][0], stride=8, padding=4, groups=classes)
+        assert up.shape[-2:] == (1024, 1024)
+        reference = up[..., :h, :w]
+    assert_same_prediction(
+        tmp_path / "model", images, reference, torch.from_numpy(bgr.copy()).permute(0, 3, 1, 2)
+    )
+
+    # A file whose ctx_upsample is not the fixed bilinear kernel is refused, nothing written.
+    blobs["ctx_upsample"] = [torch.rand(classes, 1, 16, 16, generator=gen)]
+    write_caffemodel(path, blobs, legacy=False)
+    with pytest.raises(UserError, match="ctx_upsample"):
+        import_weights(ImportConfig(arch="dilation", source=str(path), out=str(tmp_path / "other")))
+    assert not (tmp_path / "other").exists()
+
+
 def test_deconvnet_release_imports_and_matches(tmp_path, images) -> None:
     """DeconvNet_inference_deploy.prototxt (legacy `layers`): conv + BN(INFERENCE: scale, shift) + ReLU,
     pools with masks, fc6 7x7 / fc7 + BN, fc6-deconv 7x7, unpool + deconv + BN mirror, seg-score-voc;
