@@ -34,15 +34,22 @@ from pipelines.runtime import ensure_ray
 from segmodels.artifact import load_model_dir
 
 
-def plain_loop(folder: Path, src: Path, out: Path) -> float:
-    """Seconds for the one-process loop over every image in `src`."""
+def plain_loop(folder: Path, src: Path, out: Path) -> tuple[float, dict[str, float]]:
+    """Seconds for the one-process loop over every image in `src`, and its seconds per stage."""
     model = load_model_dir(folder, device="cuda" if torch.cuda.is_available() else "cpu")
+    stages = {"read_decode": 0.0, "forward_argmax": 0.0, "encode_write": 0.0}
     started = time.perf_counter()
     for path in sorted(src.iterdir()):
+        t0 = time.perf_counter()
         image = decode_image(path.read_bytes())
+        t1 = time.perf_counter()
         mask = predict_batch(model, image[None], InferenceSettings()).argmax(1)[0].byte().cpu().numpy()
+        t2 = time.perf_counter()
         (out / f"{path.stem}.png").write_bytes(palette_png(mask, model.spec.palette))
-    return time.perf_counter() - started
+        stages["read_decode"] += t1 - t0
+        stages["forward_argmax"] += t2 - t1
+        stages["encode_write"] += time.perf_counter() - t2
+    return time.perf_counter() - started, stages
 
 
 def main() -> None:
@@ -58,6 +65,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=0, help="model actors (default: segpipe's)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor")
     parser.add_argument("--json-out")
+    parser.add_argument("--loop-only", action="store_true", help="only the loop and its per-stage times")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="segpipe-bench-") as tmp:
@@ -69,8 +77,13 @@ def main() -> None:
         for i in range(args.images):
             Image.fromarray(smooth_image(rng, *args.size)).save(src / f"{i:05d}.jpg", quality=90)
         (tmp / "loop").mkdir()
-        loop_s = plain_loop(folder, src, tmp / "loop")
-        print(f"one-process loop: {loop_s:.1f} s for {args.images} images", flush=True)
+        loop_s, stages = plain_loop(folder, src, tmp / "loop")
+        per_image = {k: round(1000 * v / args.images, 1) for k, v in stages.items()}
+        print(
+            f"one-process loop: {loop_s:.1f} s for {args.images} images; ms per image {per_image}", flush=True
+        )
+        if args.loop_only:
+            return
         ensure_ray()
         cfg = PredictConfig(
             model_uri=str(folder),
@@ -99,7 +112,13 @@ def main() -> None:
     speedup = result["images_per_s"] * loop_s / args.images
     print(f"speed-up: {speedup:.2f}x (target >= 1.7x on 2 cores)")
     if args.json_out:
-        payload = {"args": vars(args), "loop_s": loop_s, "predict": result, "speedup": speedup}
+        payload = {
+            "args": vars(args),
+            "loop_s": loop_s,
+            "loop_ms_per_image": per_image,
+            "predict": result,
+            "speedup": speedup,
+        }
         Path(args.json_out).write_text(json.dumps(payload, indent=2) + "\n")
 
 
