@@ -16,7 +16,7 @@ def add_import_weights(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--arch",
         required=True,
-        help="fcn32s, fcn16s, fcn8s, fcn8s_atonce, deconvnet, deeplab_largefov, dilation or pspnet",
+        help="fcn32s, fcn16s, fcn8s, fcn8s_atonce, deconvnet, deeplab_largefov, dilation, pspnet or unet",
     )
     p.add_argument("--from", dest="source", required=True, help="the release's weights file")
     p.add_argument(
