@@ -38,10 +38,8 @@ def rand(*shape: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=gen) * math.sqrt(2.0 / fan_in)
 
 
-# ---------------------------------------------------------------------------------------------- FCN (Caffe)
-def fcn_blobs(stride: int, at_once: bool) -> dict[str, list[torch.Tensor]]:
-    """The weighted layers of voc-fcn{32,16,8}s / voc-fcn8s-atonce net.py, at 1/W width."""
-    gen = torch.Generator().manual_seed(stride)
+def vgg_blobs(gen: torch.Generator, fc: int = 4096) -> dict[str, list[torch.Tensor]]:
+    """conv1_1 .. conv5_3 (3x3) and, unless fc=0, fc6 (7x7) and fc7 (1x1) of `fc` channels, at 1/W width."""
     blobs = {}
     for stage in VGG_STAGES:
         for name, c_in, c_out in stage:
@@ -50,9 +48,18 @@ def fcn_blobs(stride: int, at_once: bool) -> dict[str, list[torch.Tensor]]:
                 rand(c_out // W, c_in, 3, 3, gen=gen),
                 torch.randn(c_out // W, generator=gen) * 0.1,
             ]
+    if fc:
+        blobs["fc6"] = [rand(fc // W, 512 // W, 7, 7, gen=gen), torch.randn(fc // W, generator=gen) * 0.1]
+        blobs["fc7"] = [rand(fc // W, fc // W, 1, 1, gen=gen), torch.randn(fc // W, generator=gen) * 0.1]
+    return blobs
+
+
+# ---------------------------------------------------------------------------------------------- FCN (Caffe)
+def fcn_blobs(stride: int, at_once: bool) -> dict[str, list[torch.Tensor]]:
+    """The weighted layers of voc-fcn{32,16,8}s / voc-fcn8s-atonce net.py, at 1/W width."""
+    gen = torch.Generator().manual_seed(stride)
+    blobs = vgg_blobs(gen)
     fc = 4096 // W
-    blobs["fc6"] = [rand(fc, 512 // W, 7, 7, gen=gen), torch.randn(fc, generator=gen) * 0.1]
-    blobs["fc7"] = [rand(fc, fc, 1, 1, gen=gen), torch.randn(fc, generator=gen) * 0.1]
     blobs["score_fr"] = [rand(C, fc, 1, 1, gen=gen), torch.randn(C, generator=gen)]
     deconv = {32: [("upscore", 64)], 16: [("upscore2", 4), ("upscore16", 32)]}
     deconv[8] = [("upscore2", 4), ("upscore_pool4", 4), ("upscore8", 16)]
@@ -186,14 +193,7 @@ def test_deeplab_largefov_release_imports_and_matches(tmp_path, images) -> None:
     """DeepLab-LargeFOV (legacy `layers` file): pools 3x3 s2 p1 (ceil) x3, s1 x2, conv5 rate 2, fc6 3x3 rate 12
     (1024), fc7, fc8_voc12; scores at stride 8, bilinearly resized (segpipe's resize, as for every model)."""
     gen = torch.Generator().manual_seed(3)
-    blobs = {}
-    for stage in VGG_STAGES:
-        for name, c_in, c_out in stage:
-            c_in = c_in if c_in == 3 else c_in // W
-            blobs[name] = [
-                rand(c_out // W, c_in, 3, 3, gen=gen),
-                torch.randn(c_out // W, generator=gen) * 0.1,
-            ]
+    blobs = vgg_blobs(gen, fc=0)
     blobs["fc6"] = [rand(1024 // W, 512 // W, 3, 3, gen=gen), torch.randn(1024 // W, generator=gen) * 0.1]
     blobs["fc7"] = [rand(1024 // W, 1024 // W, 1, 1, gen=gen), torch.randn(1024 // W, generator=gen) * 0.1]
     blobs["fc8_voc12"] = [rand(C, 1024 // W, 1, 1, gen=gen), torch.randn(C, generator=gen)]
@@ -225,17 +225,8 @@ def test_dilation8_release_imports_and_matches(tmp_path, images) -> None:
     ct_conv1_1 (pad 33) .. ct_final unpadded; predict.py: BGR minus its mean, REFLECT_101 margin 186,
     probabilities zoomed x8 by interp_map."""
     gen = torch.Generator().manual_seed(4)
-    blobs = {}
-    for stage in VGG_STAGES:
-        for name, c_in, c_out in stage:
-            c_in = c_in if c_in == 3 else c_in // W
-            blobs[name] = [
-                rand(c_out // W, c_in, 3, 3, gen=gen),
-                torch.randn(c_out // W, generator=gen) * 0.1,
-            ]
+    blobs = vgg_blobs(gen)
     fc = 4096 // W
-    blobs["fc6"] = [rand(fc, 512 // W, 7, 7, gen=gen), torch.randn(fc, generator=gen) * 0.1]
-    blobs["fc7"] = [rand(fc, fc, 1, 1, gen=gen), torch.randn(fc, generator=gen) * 0.1]
     blobs["fc-final"] = [rand(C, fc, 1, 1, gen=gen), torch.randn(C, generator=gen)]
     context = [("ct_conv1_1", 42, 1), ("ct_conv1_2", 42, 1), ("ct_conv2_1", 84, 2), ("ct_conv3_1", 168, 4)]
     context += [("ct_conv4_1", 336, 8), ("ct_conv5_1", 672, 16), ("ct_fc1", 672, 1)]
@@ -284,17 +275,8 @@ def test_dilation10_cityscapes_release_imports_and_matches(tmp_path, images) -> 
     class; input BGR minus the Cityscapes mean, REFLECT_101 margin 186."""
     gen = torch.Generator().manual_seed(7)
     classes = 19
-    blobs = {}
-    for stage in VGG_STAGES:
-        for name, c_in, c_out in stage:
-            c_in = c_in if c_in == 3 else c_in // W
-            blobs[name] = [
-                rand(c_out // W, c_in, 3, 3, gen=gen),
-                torch.randn(c_out // W, generator=gen) * 0.1,
-            ]
+    blobs = vgg_blobs(gen)
     fc = 4096 // W
-    blobs["fc6"] = [rand(fc, 512 // W, 7, 7, gen=gen), torch.randn(fc, generator=gen) * 0.1]
-    blobs["fc7"] = [rand(fc, fc, 1, 1, gen=gen), torch.randn(fc, generator=gen) * 0.1]
     blobs["final"] = [rand(classes, fc, 1, 1, gen=gen), torch.randn(classes, generator=gen)]
     context = [("ctx_conv1_1", 1), ("ctx_conv1_2", 1)]
     context += [(f"ctx_conv{k}_1", 2 ** (k - 1)) for k in range(2, 8)] + [("ctx_fc1", 1)]
