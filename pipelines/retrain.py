@@ -15,17 +15,16 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from pipelines import storage, tracking
-from pipelines.config import make_config, read_yaml
+from pipelines.config import config_model, make_config, read_yaml
 from pipelines.errors import UserError
 
 STEPS = ("prepare", "tune", "ensemble", "promote")
 
 
-@dataclass(frozen=True)
+@config_model
 class SourceConfig:
     dataset: str
     root: str
@@ -34,12 +33,12 @@ class SourceConfig:
     max_bad_fraction: float = 0.01
 
 
-@dataclass(frozen=True)
+@config_model
 class RetrainConfig:
     """A `segpipe retrain` file (see cluster/retrain-*.yaml)."""
 
     name: str
-    source: dict[str, Any]
+    source: SourceConfig
     prepared: str  # where prepared shards go (folder or s3:// prefix)
     search: dict[str, Any]  # a `segpipe tune` file's body, without `data`
     register_as: str
@@ -49,6 +48,7 @@ class RetrainConfig:
     state: str = ""  # step state; default <storage>/retrain-<name>
     margin: float = 0.0
     crf: bool = False
+    crf_images: int = 100  # CRF search on this many val images (DeepLab's 100-image subset); 0 = all
     max_members: int = 5
     split: str = "val"
 
@@ -60,7 +60,6 @@ def load_retrain(path: str, **overrides: Any) -> RetrainConfig:
     values = read_yaml(path)
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = make_config(RetrainConfig, values, source=str(path))
-    make_config(SourceConfig, dict(cfg.source), source=f"{path}: source")
     if "data" in cfg.search:
         raise UserError(f"{path}: search.data is set by retrain from `prepared`; remove it")
     parse_search({**cfg.search, "data": cfg.prepared}, source=f"{path}: search")
@@ -100,7 +99,7 @@ def _prepare_step(cfg: RetrainConfig, fingerprint: str) -> dict[str, Any]:
     from pipelines.dataset import Manifest
     from pipelines.prepare import PrepareConfig, prepare
 
-    src = make_config(SourceConfig, dict(cfg.source))
+    src = cfg.source
     manifest_uri = storage.join(cfg.prepared, "manifest.json")
     marker = storage.join(cfg.prepared, "source_fingerprint.txt")
     if (
@@ -152,7 +151,7 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     from pipelines.promote import PromoteConfig, promote
     from pipelines.train import check_storage
 
-    fingerprint = source_fingerprint(make_config(SourceConfig, dict(cfg.source)).root)
+    fingerprint = source_fingerprint(cfg.source.root)
     config_hash = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()
     cycle = hashlib.sha256(f"{fingerprint}{config_hash}".encode()).hexdigest()[:16]
     storage_uri = check_storage(cfg.storage or default_storage())
@@ -192,6 +191,7 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
                 data=cfg.prepared,
                 register_as=cfg.register_as,
                 crf=cfg.crf,
+                crf_images=cfg.crf_images,
                 split=cfg.split,
                 max_members=cfg.max_members,
                 scratch=storage.join(cfg.storage, f"retrain-{cfg.name}", cycle, "ensemble"),
