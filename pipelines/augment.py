@@ -31,6 +31,7 @@ class AugmentParams:
     blur: float = 0.0
     elastic: bool = False
     unet_weights: bool = False
+    crop_mode: str = "random"  # random | object | proposal (DeconvNet's two stages, see object_window)
 
     @classmethod
     def from_train_config(cls, cfg) -> AugmentParams:
@@ -44,6 +45,7 @@ class AugmentParams:
             blur=cfg.blur,
             elastic=cfg.elastic,
             unet_weights=cfg.pixel_weight == "unet",
+            crop_mode=cfg.crop_mode,
         )
 
 
@@ -104,6 +106,71 @@ def sample_window(height: int, width: int, p: AugmentParams, rng: np.random.Gene
     y = int(rng.integers(0, max(size[1], p.crop) - p.crop + 1))
     x = int(rng.integers(0, max(size[0], p.crop) - p.crop + 1))
     return CropWindow(scale, size, angle, x, y, bool(p.flip and rng.random() < 0.5))
+
+
+def object_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Boxes (x1, y1, x2, y2) of the ground-truth objects of a label map: each connected region of one
+    foreground class (not background 0, not ignore 255)."""
+    from scipy import ndimage
+
+    boxes = []
+    for cls in np.unique(mask):
+        if cls in (0, IGNORE):
+            continue
+        regions, _ = ndimage.label(mask == cls)
+        boxes += [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(regions)]
+    return boxes
+
+
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_w * inter_h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def proposal_around(
+    box: tuple[int, ...], rng: np.random.Generator, *, min_iou: float = 0.5
+) -> tuple[float, ...]:
+    """A box overlapping `box` by IoU >= min_iou, shifted and resized at random: what a proposal method
+    returns for an object (DeconvNet stage 2 trains on proposals that overlap the ground truth)."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    for _ in range(20):
+        sw, sh = rng.uniform(0.7, 1.4, size=2)
+        cx = (x1 + x2) / 2 + rng.uniform(-0.3, 0.3) * w
+        cy = (y1 + y2) / 2 + rng.uniform(-0.3, 0.3) * h
+        candidate = (cx - sw * w / 2, cy - sh * h / 2, cx + sw * w / 2, cy + sh * h / 2)
+        if box_iou(candidate, box) >= min_iou:
+            return candidate
+    return tuple(float(v) for v in box)
+
+
+def object_window(height: int, width: int, mask: np.ndarray, p: AugmentParams, rng: np.random.Generator):
+    """DeconvNet's training crops (Noh et al., section 4.2), or None when the mask has no object.
+
+    `object` (stage 1): a square 1.2x the longer side of a random ground-truth object, centred on it;
+    `proposal` (stage 2, harder): the same around a box drawn with IoU >= 0.5 against the object, so
+    objects appear off-centre, cut and at other scales. The square is scaled to the paper's 250/224 of
+    the crop and a random crop-sized window is taken from it (the paper's random 224 crops of 250x250).
+    """
+    boxes = object_boxes(mask)
+    if not boxes:
+        return None
+    box = boxes[int(rng.integers(len(boxes)))]
+    if p.crop_mode == "proposal":
+        box = proposal_around(box, rng)
+    x1, y1, x2, y2 = box
+    canvas = p.crop * 250 / 224
+    scale = float(np.clip(canvas / (1.2 * max(x2 - x1, y2 - y1, 1)), 0.25, 4.0))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    jitter = max(0, round(canvas) - p.crop)
+    x = round((x1 + x2) / 2 * scale - canvas / 2) + int(rng.integers(0, jitter + 1))
+    y = round((y1 + y2) / 2 * scale - canvas / 2) + int(rng.integers(0, jitter + 1))
+    x = min(max(x, 0), max(size[0] - p.crop, 0))
+    y = min(max(y, 0), max(size[1] - p.crop, 0))
+    return CropWindow(scale, size, 0.0, x, y, bool(p.flip and rng.random() < 0.5))
 
 
 def window_to_source(window: CropWindow, height: int, width: int) -> tuple[float, ...]:
@@ -168,7 +235,11 @@ def augment_sample(
     and elastic deformation run on the window's part inside the frame, before the padding as they did on
     the whole image; photometric jitter on the padded crop.
     """
-    window = sample_window(mask.shape[0], mask.shape[1], p, rng)
+    window = None
+    if p.crop_mode != "random":
+        window = object_window(mask.shape[0], mask.shape[1], mask, p, rng)
+    if window is None:
+        window = sample_window(mask.shape[0], mask.shape[1], p, rng)
     img, msk = warp_window(image, mask, window, p.crop)
     if p.blur and rng.random() < p.blur:
         blurred = Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))

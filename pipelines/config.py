@@ -1,25 +1,38 @@
-"""The one config loader: flat YAML files mapped onto frozen dataclasses, command-line flags on top.
+"""The one config loader: YAML files mapped onto typed, frozen models, command-line flags on top.
 
-A recipe file (`pipelines/configs/<arch>_<dataset>.yaml`) holds one paper's training recipe. Keys that
-are not fields of `TrainConfig` are rejected with the list of valid keys, so a typo never passes silently.
+A recipe file (`pipelines/configs/<arch>_<dataset>.yaml`) holds one paper's training recipe. Every file
+kind (train, search, retrain, reproduce, serve) is a `config_model` dataclass validated by pydantic:
+a key that is unknown, missing or of the wrong type exits 2 naming the key and the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, dataclass_transform
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from pipelines.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
+# Every config model: unknown keys are errors (nested ones too), numbers are accepted for text fields.
+MODEL_CONFIG = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
-@dataclass(frozen=True)
+
+@dataclass_transform(frozen_default=True)
+def config_model(cls: type) -> type:
+    """A frozen dataclass that `make_config` parses with pydantic: typed fields, unknown keys refused."""
+    cls.__pydantic_config__ = MODEL_CONFIG
+    return dataclass(frozen=True)(cls)
+
+
+@config_model
 class TrainConfig:
     """Everything one training run needs; saved in every checkpoint and logged as MLflow params."""
 
@@ -45,8 +58,13 @@ class TrainConfig:
     aux_weight: float = 0.4
     pixel_weight: str = "none"  # none | unet (U-Net border weight map, w0=10, sigma=5)
     loss_border: int = 0  # crop pixels per side left out of the loss (U-Net overlap-tile training: 92)
+    loss_reduction: str = "mean"  # mean | sum: the FCN reference's unnormalised loss (with its lr ~1e-10)
+    freeze: tuple[
+        str, ...
+    ] = ()  # parameter-name prefixes left untrained (Dilation's context stage: front end)
     # Augmentation (applied in Ray Data map_batches, per epoch).
     crop: int = 321
+    crop_mode: str = "random"  # random | object | proposal: DeconvNet's two training stages (sec. 4.2)
     scale_min: float = 0.5
     scale_max: float = 2.0
     flip: bool = True
@@ -80,6 +98,8 @@ class TrainConfig:
             "lr_policy": ("poly", "step", "fixed"),
             "amp": ("bf16", "fp16", "off"),
             "pixel_weight": ("none", "unet"),
+            "loss_reduction": ("mean", "sum"),
+            "crop_mode": ("random", "object", "proposal"),
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -102,32 +122,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(name: str, value: Any, kind: Any) -> Any:
-    """Convert a YAML or command-line value to the field's type, with an error naming the field."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"{name} must be true or false, got {value!r}")
-    if kind in (int, float, str):
-        try:
-            out = kind(value)
-        except (TypeError, ValueError):
-            article = "an" if kind is int else "a"
-            raise UserError(f"{name} must be {article} {kind.__name__}, got {value!r}") from None
-        if kind is int and isinstance(value, float) and value != out:
-            raise UserError(f"{name} must be an integer, got {value!r}")
-        return out
-    if kind == dict[str, Any]:
-        if not isinstance(value, dict):
-            raise UserError(f"{name} must be a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
 # Names other tools use for our keys, so a config written for them gets a pointed hint.
 SYNONYMS = {
     "learning_rate": "lr",
@@ -146,9 +140,11 @@ SYNONYMS = {
 
 
 def make_config(cls: type, values: dict[str, Any], *, source: str = "config") -> Any:
-    """Build frozen dataclass `cls` from a flat dict, rejecting unknown keys (with a did-you-mean hint) and
-    missing required keys, naming `source` (the file)."""
-    hints = get_type_hints(cls)
+    """Build config model `cls` from a flat dict, naming `source` (the file) in every error.
+
+    Unknown keys get a did-you-mean hint, missing required keys are listed, and pydantic converts each
+    value to its field's type (nested models included) or says which key holds what it could not convert.
+    """
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -169,7 +165,24 @@ def make_config(cls: type, values: dict[str, Any], *, source: str = "config") ->
         raise UserError(
             f"{source}: missing required key(s) {', '.join(missing)}; add them (key: value) to the file"
         )
-    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    try:
+        return _adapter(cls).validate_python(values)
+    except ValidationError as err:
+        raise UserError(f"{source}: " + "; ".join(_describe(e) for e in err.errors())) from None
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _describe(error: Any) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "missing":
+        return f"missing required key {key}"
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown key {key}"
+    return f"{key}: {error['msg'].lower()}, got {error['input']!r}"
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

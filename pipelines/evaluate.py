@@ -28,8 +28,15 @@ class InferenceSettings:
     slide: tuple[int, int] | None = None  # (crop, stride) in pixels
     crf: bool = False
     crf_params: dict[str, float] = field(default_factory=dict)  # overrides of the model's / DeepLab's
+    # DeconvNet's instance-wise inference: image_id -> proposal boxes (pipelines.proposals); None = off.
+    proposals: dict[str, tuple[tuple[int, int, int, int], ...]] | None = None
+    top_k: int = 50  # proposals per image (the paper's EdgeBoxes top 50)
 
     def __post_init__(self) -> None:
+        if self.proposals is not None and (self.scales != (1.0,) or self.flip or self.slide):
+            raise UserError(
+                "--instance segments proposals at the network's input size: drop --tta, --flip and --slide"
+            )
         if not self.scales or any(not s > 0 for s in self.scales):
             raise UserError(f"--tta scales must be positive numbers, got {self.scales}")
         if self.slide is not None:
@@ -49,11 +56,12 @@ def crf_params_for(model, settings: InferenceSettings):
         raise UserError(f"bad CRF parameters {values}: {err}") from None
 
 
-def predict_batch(model, images: np.ndarray, settings: InferenceSettings):
+def predict_batch(model, images: np.ndarray, settings: InferenceSettings, image_ids=None):
     """uint8 N,H,W,3 images of one size -> float32 N,C,H,W probabilities (torch, on the model's device).
 
-    The network part of `predict_image` (scales, flip, sliding window; no CRF), for a batch; the serving
-    endpoint runs each ensemble member through it on dynamically batched requests.
+    The network part of `predict_image` (scales, flip, sliding window or proposals; no CRF), for a batch;
+    the serving endpoint runs each ensemble member through it on dynamically batched requests. With
+    `settings.proposals`, `image_ids` names each image's proposals (see `predict_instances`).
     """
     import torch
 
@@ -62,6 +70,13 @@ def predict_batch(model, images: np.ndarray, settings: InferenceSettings):
     device = next(model.ensemble.parameters()).device
     # Ray hands read-only arrays over; torch wants to own writable memory (copied only when needed).
     x = model.normalize(torch.from_numpy(np.require(images, requirements=("C", "W"))).to(device))
+    if settings.proposals is not None:
+        return torch.stack(
+            [
+                predict_instances(model, image[None], settings, i)
+                for image, i in zip(x, image_ids, strict=True)
+            ]
+        )
     if model.spec.input_scale != 1.0:
         scales = tuple(s * model.spec.input_scale for s in settings.scales)
     else:
@@ -79,11 +94,34 @@ def predict_batch(model, images: np.ndarray, settings: InferenceSettings):
         ).float()
 
 
-def predict_image(model, image: np.ndarray, settings: InferenceSettings) -> np.ndarray:
+def predict_instances(model, x, settings: InferenceSettings, image_id: str):
+    """Normalised 1,3,H,W image -> C,H,W probabilities, DeconvNet members run instance-wise.
+
+    DeconvNet members segment the image's proposals (`segmodels.instance`, section 4.1) and every other
+    member (FCN-8s in EDeconvNet) the whole image; the members' maps are averaged with the ensemble's
+    weights, as EDeconvNet does (section 4.2).
+    """
+    from pipelines.proposals import clip_boxes
+    from segmodels.ensemble import combine_probs
+    from segmodels.inference import predict_whole
+    from segmodels.instance import instance_wise_predict
+
+    boxes = clip_boxes(settings.proposals.get(image_id, ()), *x.shape[-2:])
+    members = zip(model.spec.members, model.ensemble.members, strict=True)
+    maps = (
+        instance_wise_predict(net, x, boxes, top_k=settings.top_k)
+        if spec.arch == "deconvnet"
+        else predict_whole(net, x)[0]
+        for spec, net in members
+    )
+    return combine_probs(maps, model.ensemble.weights).float()
+
+
+def predict_image(model, image: np.ndarray, settings: InferenceSettings, image_id: str = "") -> np.ndarray:
     """uint8 H,W,3 image -> float32 C,H,W class probabilities with the model's TTA/slide/CRF settings."""
     from segmodels.crf import dense_crf
 
-    probs = predict_batch(model, image[None], settings)[0].cpu().numpy()
+    probs = predict_batch(model, image[None], settings, [image_id])[0].cpu().numpy()
     if settings.crf:
         probs = dense_crf(image, probs, crf_params_for(model, settings))
     return probs
@@ -122,9 +160,11 @@ class ScoreImages:
         from pipelines.dataset import decode_image, decode_mask
 
         rows = []
-        for img_bytes, mask_bytes in zip(batch["image"], batch["mask"], strict=True):
+        for image_id, img_bytes, mask_bytes in zip(
+            batch["image_id"], batch["image"], batch["mask"], strict=True
+        ):
             image, truth = decode_image(img_bytes), decode_mask(mask_bytes)
-            pred = predict_image(self.model, image, self.settings).argmax(0)
+            pred = predict_image(self.model, image, self.settings, str(image_id)).argmax(0)
             valid = truth != 255
             index = truth[valid].astype(np.int64) * self.num_classes + pred[valid]
             rows.append(np.bincount(index, minlength=self.num_classes**2))
@@ -179,6 +219,12 @@ def score_split(
     ds = data.split(split)
     if max_images:
         ds = ds.limit(max_images)
+    if settings.proposals is not None:
+        from pipelines.dataset import IMAGE_ID
+        from pipelines.proposals import check_covered
+
+        ids = ds.select_columns([IMAGE_ID]).to_pandas()[IMAGE_ID]
+        check_covered(settings.proposals, ids, "proposals file")
     workers = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
     payload_ref = [ray.put(model_payload(model_folder))]
     scored = ds.map_batches(
@@ -232,6 +278,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "flip": cfg.settings.flip,
             "slide": list(cfg.settings.slide) if cfg.settings.slide else None,
             "crf": cfg.settings.crf,
+            "instance": cfg.settings.proposals is not None,
         },
         "metrics": metrics_json(cm.compute(), list(data.classes)),
         "confusion": cm.to_list(),

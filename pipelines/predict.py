@@ -28,6 +28,7 @@ import numpy as np
 from pipelines import storage
 from pipelines.errors import UserError
 from pipelines.evaluate import InferenceSettings
+from pipelines.proposals import check_covered
 
 FORMATS = ("png", "overlay", "parquet", "voc", "cityscapes")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -178,7 +179,8 @@ class Segmenter:
             if not errors[i]:
                 by_size.setdefault(image.shape, []).append(i)
         for indexes in by_size.values():
-            probs = predict_batch(self.model, np.stack([images[i] for i in indexes]), self.settings)
+            ids = [str(batch["image_id"][i]) for i in indexes]
+            probs = predict_batch(self.model, np.stack([images[i] for i in indexes]), self.settings, ids)
             out = probs if self.probs else probs.argmax(1).to(torch.uint8)
             for i, result in zip(indexes, out.cpu().numpy(), strict=True):
                 results[i] = result
@@ -296,6 +298,9 @@ def read_source(cfg: PredictConfig, done: set[str]):
             paths.append(posixpath.join(root, rel))
     if not paths:
         return None, quarantined, skipped
+    if cfg.settings.proposals is not None:
+        ids = (posixpath.splitext(posixpath.relpath(p, root))[0] for p in paths)
+        check_covered(cfg.settings.proposals, ids, "proposals file")
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
 
     def image_ids(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -313,6 +318,8 @@ def read_split(root: str, split: str, cfg: PredictConfig, done: set[str]):
     todo = {i for i in ids if not is_done(i, cfg.format, done)}
     if not todo:
         return None, [], len(ids)
+    if cfg.settings.proposals is not None:
+        check_covered(cfg.settings.proposals, sorted(todo), "proposals file")
 
     def pending(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keep = np.array([i in todo for i in batch[IMAGE_ID]], dtype=bool)

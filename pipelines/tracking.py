@@ -297,9 +297,16 @@ def register_model_folder(
     client, name: str, folder: Path, *, run_id: str, description: str = "", tags: dict[str, str] | None = None
 ):
     """Log a model folder to `run_id` as its `model` artifact and register it as a new version of `name`."""
+    log_model_folder(client, run_id, folder)
+    return register_run_model(client, name, run_id=run_id, description=description, tags=tags)
+
+
+def register_run_model(
+    client, name: str, *, run_id: str, description: str = "", tags: dict[str, str] | None = None
+):
+    """Register the `model` artifact already logged to `run_id` as a new version of `name`."""
     from mlflow.exceptions import MlflowException
 
-    log_model_folder(client, run_id, folder)
     try:
         client.get_registered_model(name)
     except MlflowException:

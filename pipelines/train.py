@@ -58,9 +58,12 @@ def check_model(cfg: TrainConfig, num_classes: int) -> None:
     args = {k: v for k, v in cfg.model_args.items() if k != "num_classes"}
     try:
         with torch.device("meta"):
-            segmodels.build_model(cfg.model, num_classes, **args)
+            net = segmodels.build_model(cfg.model, num_classes, **args)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot build {cfg.model} with {args}: {err}") from None
+    from pipelines.train_loop import freeze
+
+    freeze(net, cfg.freeze)
     if cfg.pretrained:
         # Load into a CPU copy now: a missing file, a wrong architecture or a width != 1 fails here, not in a worker.
         try:
@@ -272,7 +275,9 @@ def log_overlays(client, run_id: str, model_dir: Path, data, count: int, tmp: Pa
     model = load_model_dir(model_dir)
     out = tmp / "overlays"
     out.mkdir()
-    for row in data.split("val").take(count):
+    # A few rows: read in this process (Ray Data's planning would cost more than the reading).
+    rows = range(min(count, data.manifest.splits["val"].rows))
+    for row in data.read_rows("val", ["image_id", "image", "mask"], rows).to_pylist():
         image, truth = decode_image(row["image"]), decode_mask(row["mask"])
         with torch.no_grad():
             probs = model.ensemble(model.normalize(torch.from_numpy(image.copy())[None]))

@@ -23,12 +23,32 @@ import torch
 import torch.distributed as dist
 
 from pipelines.config import TrainConfig
+from pipelines.errors import UserError
 
 if TYPE_CHECKING:
     from segmodels.metrics import ConfusionMatrix
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.json"
+
+
+def freeze(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[str]:
+    """Leave the parameters whose names start with one of `prefixes` untrained; returns their names.
+
+    Dilation trains its context module on the output of a trained, fixed front end (Yu & Koltun, section
+    5): `freeze: [features, fc6, fc7, final]`. A prefix that names no parameter is a UserError.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            children = ", ".join(name for name, _ in model.named_children())
+            raise UserError(f"freeze: {prefix!r} names no parameter of this model; its layers: {children}")
+    frozen = []
+    for name, param in model.named_parameters():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -117,7 +137,12 @@ def train_one_epoch(model, optimizer, scaler, batches, cfg, device, *, iteration
             output = model(x)
         output = {k: v.float() for k, v in output.items()} if isinstance(output, dict) else output.float()
         loss = segmentation_loss(
-            output, target, aux_weight=cfg.aux_weight, pixel_weight=weight, border=cfg.loss_border
+            output,
+            target,
+            aux_weight=cfg.aux_weight,
+            pixel_weight=weight,
+            border=cfg.loss_border,
+            reduction=cfg.loss_reduction,
         )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -286,6 +311,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         load_backbone_weights(model, cfg.pretrained)
     if cfg.init_from and ray.train.get_checkpoint() is None:
         init_from(model, cfg, config, rank)
+    freeze(model, cfg.freeze)
     if cfg.sync_bn and cfg.use_gpu and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
-from pipelines.config import TrainConfig, make_config, read_yaml
+from pipelines.config import TrainConfig, config_model, make_config, read_yaml
 from pipelines.errors import UserError
 from pipelines.runtime import tune_verbosity
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 
 
-@dataclass(frozen=True)
+@config_model
 class SearchConfig:
     """A `segpipe tune` file: where the data is, how to search, and the per-architecture spaces."""
 

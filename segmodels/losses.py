@@ -25,6 +25,7 @@ def segmentation_loss(
     pixel_weight: torch.Tensor | None = None,
     ignore_index: int = 255,
     border: int = 0,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Softmax cross entropy averaged over the non-ignored pixels; plus `aux_weight` x the aux-head loss.
 
@@ -35,17 +36,21 @@ def segmentation_loss(
     every weight by a constant changes nothing. A batch with no labelled pixel gives 0, not NaN.
     border: pixels this close to the crop's edge are ignored. U-Net's overlap-tile training (section 2)
     scores only the valid centre of a tile (a 572 tile trains its 388 centre): border=`unet.VALID_MARGIN`.
+    reduction: "mean" as above, or "sum": the weighted sum over the pixels divided by N only, Caffe's
+    `normalize: false` of the FCN reference (its learning rates, ~1e-10, assume this unnormalised loss).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if border:
         target = valid_centre(target, border, ignore_index)
     if isinstance(output, Mapping):
-        loss = _cross_entropy(output["out"], target, class_weight, pixel_weight, ignore_index)
+        loss = _cross_entropy(output["out"], target, class_weight, pixel_weight, ignore_index, reduction)
         if "aux" in output and aux_weight:
             loss = loss + aux_weight * _cross_entropy(
-                output["aux"], target, class_weight, pixel_weight, ignore_index
+                output["aux"], target, class_weight, pixel_weight, ignore_index, reduction
             )
         return loss
-    return _cross_entropy(output, target, class_weight, pixel_weight, ignore_index)
+    return _cross_entropy(output, target, class_weight, pixel_weight, ignore_index, reduction)
 
 
 def valid_centre(target: torch.Tensor, border: int, ignore_index: int = 255) -> torch.Tensor:
@@ -63,7 +68,7 @@ def valid_centre(target: torch.Tensor, border: int, ignore_index: int = 255) -> 
     return centre
 
 
-def _cross_entropy(logits, target, class_weight, pixel_weight, ignore_index) -> torch.Tensor:
+def _cross_entropy(logits, target, class_weight, pixel_weight, ignore_index, reduction) -> torch.Tensor:
     if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(
             f"logits of shape {tuple(logits.shape)} do not match target of shape {tuple(target.shape)}: "
@@ -95,6 +100,8 @@ def _cross_entropy(logits, target, class_weight, pixel_weight, ignore_index) -> 
     ce = F.cross_entropy(logits, target, weight=class_weight, ignore_index=ignore_index, reduction="none")
     if pixel_weight is not None:
         ce = ce * pixel_weight
+    if reduction == "sum":
+        return ce.sum() / len(ce)
     return ce.sum() / weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 

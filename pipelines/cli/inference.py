@@ -22,6 +22,15 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
         help="sliding-window inference with CROP-sized windows every STRIDE pixels",
     )
     p.add_argument("--crf", action="store_true", help="dense CRF post-processing (DeepLab's mean field)")
+    p.add_argument(
+        "--instance",
+        metavar="PROPOSALS",
+        help="DeconvNet instance-wise inference on the object proposals in this JSON file "
+        "({image_id: [[x1, y1, x2, y2], ...]}, best first, e.g. EdgeBoxes'); other members see the whole image",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=50, help="proposals used per image with --instance (default: 50)"
+    )
 
 
 def _inference_settings(args: argparse.Namespace):
@@ -33,8 +42,20 @@ def _inference_settings(args: argparse.Namespace):
         raise UserError(
             f"--tta expects comma-separated numbers such as 0.75,1,1.25, got {args.tta!r}"
         ) from None
+    proposals = None
+    if args.instance:
+        from pipelines.proposals import load_proposals
+
+        if args.top_k < 1:
+            raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+        proposals = load_proposals(args.instance)
     return InferenceSettings(
-        scales=scales, flip=args.flip, slide=tuple(args.slide) if args.slide else None, crf=args.crf
+        scales=scales,
+        flip=args.flip,
+        slide=tuple(args.slide) if args.slide else None,
+        crf=args.crf,
+        proposals=proposals,
+        top_k=args.top_k,
     )
 
 

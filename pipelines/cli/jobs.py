@@ -1,4 +1,4 @@
-"""Whole-pipeline jobs: `retrain` (one resumable cycle) and `demo`."""
+"""Whole-pipeline jobs: `retrain` (one resumable cycle), `reproduce` (a paper's procedure) and `demo`."""
 
 from __future__ import annotations
 
@@ -35,6 +35,84 @@ def _run_retrain(args: argparse.Namespace) -> None:
     write_json(args.json_out, result)
 
 
+# ---------------------------------------------------------------------------------------------- reproduce
+def add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reproduce",
+        help="a paper's training procedure as one resumable job (--list shows the recipes)",
+        description="Run a paper's stages (pipelines/configs/reproduce/RECIPE.yaml) on a prepared dataset, "
+        "each an MLflow child run; register the result (alias `reproduced`), score it on val and print it "
+        "beside the published number. Re-running continues from the first unfinished stage.",
+    )
+    p.add_argument("recipe", nargs="?", help="recipe name, e.g. fcn, deeplab, dilation, deconvnet")
+    p.add_argument("--list", action="store_true", help="show every recipe, its stages and published numbers")
+    p.add_argument("--data", help="prepared dataset folder or s3:// prefix (needs train and val)")
+    p.add_argument("--tiny", action="store_true", help="narrow networks, small crops, one epoch: a smoke run")
+    p.add_argument("--pretrained", help="ImageNet backbone weights for the stages that start from them")
+    p.add_argument("--proposals", help="object proposals JSON for instance-wise scoring (DeconvNet)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="training value for every stage, repeatable (e.g. num_workers=4, use_gpu=true)",
+    )
+    p.add_argument("--register-as", help="registered model name (default: reproduce-RECIPE-DATASET)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--experiment", default="segpipe-reproduce", help="MLflow experiment")
+    p.add_argument("--storage", help="checkpoints and stage state (folder or s3://; default as train)")
+    p.add_argument("--json-out", help="write the stages, the registered model and the table here")
+    p.set_defaults(run=_run_reproduce)
+
+
+def _run_reproduce(args: argparse.Namespace) -> None:
+    from pipelines.config import make_config, parse_key_values
+    from pipelines.errors import UserError
+    from pipelines.report import format_table
+    from pipelines.reproduce import ReproduceConfig, list_rows, reproduce
+
+    if args.list:
+        print(format_table(["recipe", "paper", "stages", "published mIoU"], list_rows()))
+        return
+    if not args.recipe or not args.data:
+        raise UserError("give a RECIPE and --data PREPARED (segpipe reproduce --list shows the recipes)")
+    values = {
+        "recipe": args.recipe,
+        "data": args.data,
+        "tiny": args.tiny,
+        "pretrained": args.pretrained,
+        "proposals": args.proposals,
+        "train_overrides": parse_key_values(args.set, option="--set"),
+        "register_as": args.register_as,
+        "tracking_uri": args.tracking_uri,
+        "experiment": args.experiment,
+        "storage": args.storage,
+    }
+    cfg = make_config(
+        ReproduceConfig, {k: v for k, v in values.items() if v is not None}, source="reproduce options"
+    )
+    result = reproduce(cfg)
+    for stage, info in result["stages"].items():
+        print(f"{stage:12s} {info['seconds']:8.1f} s  {info['output']['model_uri']}")
+    table = result["table"]
+    published = table["published"] or {}
+    print(
+        format_table(
+            ["recipe", "published", "published split", "ours", "our split"],
+            [
+                [
+                    table["recipe"],
+                    published.get("miou", "-"),
+                    published.get("split", "-"),
+                    table["ours"]["miou"],
+                    table["ours"]["split"],
+                ]
+            ],
+        )
+    )
+    print(f"model: {result['model_uri']}")
+    write_json(args.json_out, result)
+
+
 # ---------------------------------------------------------------------------------------------- demo
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -67,4 +145,4 @@ def _run_demo(args: argparse.Namespace) -> None:
     write_json(args.json_out, summary)
 
 
-COMMANDS = [add_retrain, add_demo]
+COMMANDS = [add_retrain, add_reproduce, add_demo]

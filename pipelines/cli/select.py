@@ -25,6 +25,12 @@ def add_ensemble(sub: argparse._SubParsersAction) -> None:
         "--crf", action="store_true", help="add a dense CRF stage with parameters tuned on the split"
     )
     p.add_argument("--max-members", type=int, default=5, help="selection rounds (default: 5)")
+    p.add_argument(
+        "--select",
+        choices=["greedy", "average"],
+        default="greedy",
+        help="greedy selection (default) or the plain average of every candidate (EDeconvNet)",
+    )
     p.add_argument("--max-images", type=int, default=0, help="select on the first N images (default: all)")
     p.add_argument(
         "--crf-images", type=int, default=0, help="tune the CRF on the first N images (default: all)"
@@ -56,6 +62,7 @@ def _run_ensemble(args: argparse.Namespace) -> None:
             register_as=args.register_as or "",
             crf=args.crf,
             max_members=args.max_members,
+            select=args.select,
             max_images=args.max_images,
             crf_images=args.crf_images,
             stride=args.stride,

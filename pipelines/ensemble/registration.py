@@ -39,13 +39,16 @@ def register_ensemble(
     metrics: dict[str, float],
     description: str,
     tags: dict[str, str],
+    parent_run_id: str = "",
 ) -> tuple[str, str]:
     """Log an ensemble run with `params` and `metrics`, then the model folder: registered as a new version
     of `register_as` with alias `challenger`, or as the run's artifact when `register_as` is empty.
     Returns (model URI, run id)."""
     from segmodels.artifact import save_model_dir
 
-    run_id, _ = tracking.start_or_resume_run(client, experiment, "", tags={"segpipe.stage": "ensemble"})
+    run_id, _ = tracking.start_or_resume_run(
+        client, experiment, "", tags={"segpipe.stage": "ensemble"}, parent_run_id=parent_run_id or None
+    )
     tracking.log_params(client, run_id, params)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)

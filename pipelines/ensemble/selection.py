@@ -128,3 +128,26 @@ def greedy_select(shards: list[Shard], num_candidates: int, num_classes: int, ro
         member_miou=member_miou,
         num_candidates=num_candidates,
     )
+
+
+def average_all(shards: list[Shard], num_candidates: int, num_classes: int) -> Selection:
+    """No selection: every candidate once with equal weight, as EDeconvNet averages DeconvNet and FCN-8s
+    (Noh et al., section 4.2). Two passes: each candidate alone, then the mean of all."""
+    import ray
+
+    from pipelines.errors import UserError
+
+    if not shards:
+        raise UserError("the selection split has no images: pick a split with images (--split)")
+    task = ray.remote(num_cpus=1)(round_confusions)
+    alone = sum_over_shards(task, shards, [0] * num_candidates, num_classes)
+    everyone = sum_over_shards(task, shards, [0] + [1] * (num_candidates - 1), num_classes)[0]
+    score = miou(everyone)
+    return Selection(
+        counts=Counter(range(num_candidates)),
+        confusion=everyone,
+        miou=score,
+        history=[score],
+        member_miou=[miou(cm) for cm in alone],
+        num_candidates=num_candidates,
+    )

@@ -25,6 +25,7 @@ class EnsembleConfig:
     crf: bool = False
     split: str = "val"
     max_members: int = 5  # selection rounds
+    select: str = "greedy"  # greedy (Caruana et al.) | average (every candidate, equal weights: EDeconvNet)
     max_images: int = 0  # 0 = the whole split
     crf_images: int = 0  # CRF search on the first N images; 0 = all selected ones
     stride: int = 8  # selection grid: every stride-th pixel (the networks' output stride)
@@ -33,6 +34,7 @@ class EnsembleConfig:
     tracking_uri: str = ""
     experiment: str = "segpipe"
     metric: str = "val_miou"
+    parent_run_id: str = ""  # set by `segpipe reproduce`: the ensemble run is one of its stages
 
     def __post_init__(self) -> None:
         if self.stride < 1 or self.images_per_shard < 1 or self.max_members < 1 or self.crf_images < 0:
@@ -40,6 +42,8 @@ class EnsembleConfig:
                 "--stride, --max-members and images per shard must be >= 1 and --crf-images >= 0, got "
                 f"{self.stride}, {self.max_members}, {self.images_per_shard}, {self.crf_images}"
             )
+        if self.select not in ("greedy", "average"):
+            raise UserError(f"--select {self.select!r}: choose greedy or average")
 
 
 def best_per_arch(client, experiment: str, metric: str = "val_miou") -> list[str]:
@@ -92,7 +96,7 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     from pipelines.ensemble.crf_search import search_crf
     from pipelines.ensemble.registration import flatten_members, register_ensemble
     from pipelines.ensemble.scoring import score_candidates
-    from pipelines.ensemble.selection import confusion_scores, greedy_select
+    from pipelines.ensemble.selection import average_all, confusion_scores, greedy_select
     from pipelines.evaluate import metrics_json
     from segmodels.artifact import ModelSpec, read_spec
 
@@ -119,7 +123,10 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         )
         images = sum(s.images for s in shards)
         print(f"[segpipe] scored {len(uris)} candidate(s) on {images} {cfg.split} images")
-        selection = greedy_select(shards, len(uris), data.num_classes, cfg.max_members)
+        if cfg.select == "average":
+            selection = average_all(shards, len(uris), data.num_classes)
+        else:
+            selection = greedy_select(shards, len(uris), data.num_classes, cfg.max_members)
         crf = None
         if cfg.crf:
             crf = search_crf(shards, selection.candidate_weights, data.num_classes, cfg.crf_images)
@@ -167,6 +174,7 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         metrics={k: v for k, v in spec_metrics.items() if not isinstance(v, dict) and v is not None},
         description=f"ensemble of {len(chosen)} candidate(s), {cfg.split} mIoU {metrics['miou']:.4f}",
         tags={f"{cfg.split}_miou": f"{metrics['miou']:.6f}", "dataset_fingerprint": data.fingerprint},
+        parent_run_id=cfg.parent_run_id,
     )
     member_scores = dict(zip(uris, selection.member_miou, strict=True))
     return {

@@ -7,18 +7,17 @@ Values are coerced by `pipelines.config.make_config`, the one rule every segpipe
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
-from pipelines.config import make_config
+from pipelines.config import config_model, make_config
 from pipelines.errors import UserError
 
 APP_NAME = "segpipe"
 
 
-@dataclass(frozen=True)
+@config_model
 class ServeConfig:
     """The endpoint: which model, how it scales, and the limits that protect it."""
 
@@ -94,7 +93,7 @@ class ServeConfig:
         )
 
 
-@dataclass(frozen=True)
+@config_model
 class BatchKnobs:
     """The model deployment's `user_config`: changed by `serve deploy` without restarting replicas."""
 

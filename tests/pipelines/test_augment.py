@@ -16,6 +16,9 @@ from pipelines.augment import (
     AugmentParams,
     augment_batch,
     augment_sample,
+    box_iou,
+    object_boxes,
+    proposal_around,
     sample_window,
 )
 from pipelines.layouts.voc import voc_colormap
@@ -27,7 +30,7 @@ def checkerboard(height: int, width: int, cell: int) -> tuple[np.ndarray, np.nda
     """Cells of classes 1-20, neighbours always different; the image is each class's palette colour."""
     rows, cols = np.arange(height)[:, None] // cell, np.arange(width)[None, :] // cell
     mask = ((rows * 7 + cols * 3) % 20 + 1).astype(np.uint8)
-    return PALETTE[mask], mask
+    return PALETTE[np.minimum(mask, 20)], mask
 
 
 def interior(mask: np.ndarray) -> np.ndarray:
@@ -206,3 +209,60 @@ def test_augment_batch_decodes_and_returns_fixed_size_crops_with_unet_weights():
     assert out["image"].shape == (2, 32, 32, 3) and out["image"].dtype == np.uint8
     assert out["mask"].shape == (2, 32, 32) and out["weight"].shape == (2, 32, 32)
     assert set(np.unique(out["mask"])) <= set(range(1, 21)) | {IGNORE}
+
+
+def objects_mask() -> np.ndarray:
+    """A 200x300 label map with two objects: class 3 at rows 20-59, cols 30-89; class 7 at 120-179, 200-279."""
+    mask = np.zeros((200, 300), np.uint8)
+    mask[20:60, 30:90] = 3
+    mask[120:180, 200:280] = 7
+    mask[0, :] = IGNORE
+    return mask
+
+
+def test_object_boxes_are_the_connected_regions_of_each_class() -> None:
+    assert sorted(object_boxes(objects_mask())) == [(30, 20, 90, 60), (200, 120, 280, 180)]
+    assert object_boxes(np.zeros((8, 8), np.uint8)) == []
+
+
+def test_object_crops_are_centred_on_a_ground_truth_object() -> None:
+    """DeconvNet stage 1: the object fills about 1/1.2 of the 250/224 canvas around it, at its centre."""
+    rng = np.random.default_rng(0)
+    params = AugmentParams(crop=64, flip=False, crop_mode="object")
+    mask = objects_mask()
+    image = PALETTE[np.minimum(mask, 20)]
+    for _ in range(20):
+        img, crop = augment_sample(image, mask, params, rng)
+        assert crop.shape == (64, 64) and img.shape == (64, 64, 3)
+        labels = set(np.unique(crop)) - {0, IGNORE}
+        assert len(labels) == 1  # one object, seen whole or nearly
+        ys, xs = np.nonzero(crop == labels.pop())
+        # Object side = canvas / 1.2 = 59.5 px; the random 64-of-71 crop shifts it by at most 7 px.
+        assert 50 <= max(np.ptp(ys), np.ptp(xs)) + 1 <= 62
+        assert abs(ys.mean() - 32) <= 8 and abs(xs.mean() - 32) <= 8
+
+
+def test_proposal_crops_overlap_an_object_by_at_least_half() -> None:
+    rng = np.random.default_rng(1)
+    box = (30, 20, 90, 60)
+    boxes = [proposal_around(box, rng) for _ in range(200)]
+    assert all(box_iou(b, box) >= 0.5 for b in boxes)
+    assert len({tuple(round(v) for v in b) for b in boxes}) > 100  # varied, not the object box again
+    params = AugmentParams(crop=64, flip=False, crop_mode="proposal")
+    mask = objects_mask()
+    seen = [
+        set(np.unique(augment_sample(PALETTE[np.minimum(mask, 20)], mask, params, rng)[1])) - {0, IGNORE}
+        for _ in range(20)
+    ]
+    assert all(s for s in seen)  # every crop still shows an object
+
+
+def test_object_mode_without_objects_falls_back_to_random_crops() -> None:
+    mask = np.zeros((100, 100), np.uint8)
+    img, crop = augment_sample(
+        PALETTE[np.minimum(mask, 20)],
+        mask,
+        AugmentParams(crop=64, crop_mode="object"),
+        np.random.default_rng(0),
+    )
+    assert crop.shape == (64, 64) and set(np.unique(crop)) <= {0, IGNORE}

@@ -95,20 +95,3 @@ def test_rank_zero_logs_the_report_to_mlflow(tmp_path, mlflow_uri) -> None:
     assert params["init_from.copied"] == str(len(report.copied)) and params["init_from.kept"] == "4"
     logged = client.download_artifacts(run_id, REPORT_ARTIFACT, str(tmp_path))
     assert '"score_pool4.weight"' in Path(logged).read_text()
-
-
-@pytest.mark.slow
-def test_train_init_from_a_model_folder(tiny_config, mlflow_uri, tmp_path, capfd) -> None:
-    """One tiny run through Ray Train: the driver pins the folder, the worker copies and logs the report."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.train import train
-
-    cfg = tiny_config(epochs=1, run_name="init-from")
-    source, weights = trained_folder(tmp_path / "source", cfg.model, 21, randomize=False, **cfg.model_args)
-    result = train(tiny_config(epochs=1, run_name="init-from", init_from=str(source)))
-    run = MlflowClient(mlflow_uri).get_run(result.run_id)
-    assert run.data.params["init_from.copied"] == str(len(weights))
-    assert run.data.params["init_from.kept"] == run.data.params["init_from.skipped"] == "0"
-    assert run.data.params["cfg.init_from"] == str(source.resolve())
-    assert f"initialised {len(weights)} tensors from {source.resolve()}" in capfd.readouterr().out

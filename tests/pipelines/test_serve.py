@@ -165,11 +165,11 @@ def test_app_args_are_typed_and_checked():
     # The same coercion as every other segpipe config (pipelines.config): on/off are booleans.
     assert config_from_args({"model_uri": "x", "crf": "on"}).crf is True
     assert config_from_args({"model_uri": "x", "crf": "off"}).crf is False
-    with pytest.raises(UserError, match="crf must be true or false"):
+    with pytest.raises(UserError, match="crf: input should be a valid boolean"):
         config_from_args({"model_uri": "x", "crf": "maybe"})
     with pytest.raises(UserError, match="unknown serve app args"):
         config_from_args({"model_uri": "x", "max_replica": 3})
-    with pytest.raises(UserError, match="max_replicas must be an int"):
+    with pytest.raises(UserError, match="max_replicas: input should be a valid integer"):
         config_from_args({"model_uri": "x", "max_replicas": "many"})
     with pytest.raises(UserError, match="min-replicas"):
         ServeConfig(model_uri="x", min_replicas=3, max_replicas=2)

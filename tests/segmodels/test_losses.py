@@ -30,6 +30,17 @@ def test_is_the_mean_cross_entropy_over_labelled_pixels(batch):
     assert segmentation_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_sum_reduction_is_caffes_unnormalised_loss_per_image(batch):
+    """FCN's reference (`normalize: false`): the sum over the labelled pixels, divided by the batch only."""
+    logits, target = batch
+    labelled = int((target != 255).sum())
+    mean = segmentation_loss(logits, target)
+    summed = segmentation_loss(logits, target, reduction="sum")
+    assert summed.item() == pytest.approx(mean.item() * labelled / len(target), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        segmentation_loss(logits, target, reduction="none")
+
+
 def test_ignored_pixels_do_not_contribute(batch):
     logits, target = batch
     logits = logits.clone().requires_grad_(True)
