@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipelines import tracking
 from pipelines.cli import main
 from pipelines.errors import UserError
 from pipelines.reproduce import (
@@ -82,7 +83,7 @@ def children(client: MlflowClient, run_id: str) -> dict[str, object]:
 def test_fcn_staged_then_edeconvnet_on_proposals(prepared_voc, mlflow_uri, tmp_path, capsys) -> None:
     """FCN 32s -> 16s -> 8s, each from the last; then DeconvNet stage 1 -> stage 2 -> EDeconvNet with the
     FCN result, scored instance-wise; re-running a finished recipe does nothing new."""
-    client = MlflowClient(mlflow_uri)
+    client = tracking.connect(mlflow_uri)  # a bare MlflowClient would take another test's registry
     args = [
         "--tiny",
         "--data",
@@ -178,13 +179,12 @@ def test_fcn_staged_then_edeconvnet_on_proposals(prepared_voc, mlflow_uri, tmp_p
 def test_deeplab_msc_with_crf_and_dilation_context_on_a_fixed_front_end(
     prepared_voc, mlflow_uri, tmp_path
 ) -> None:
-    from pipelines import tracking
     from segmodels.weights import read_state_dict
 
     deeplab = reproduce(tiny("deeplab", prepared_voc, mlflow_uri, tmp_path))
     assert list(deeplab["stages"]) == ["largefov", "msc", "crf"]
     assert deeplab["table"]["published"]["miou"] == 71.6
-    client = MlflowClient(mlflow_uri)
+    client = tracking.connect(mlflow_uri)  # a bare MlflowClient would take another test's registry
     runs = children(client, deeplab["run_id"])
     msc = next(r for r in runs.values() if r.data.params.get("cfg.model_args", "").find("'msc': True") >= 0)
     assert int(msc.data.params["init_from.copied"]) > 0 and int(msc.data.params["init_from.kept"]) > 0
