@@ -210,10 +210,8 @@ def parse_key_values(pairs: list[str] | None, *, option: str) -> dict[str, Any]:
     return out
 
 
-def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Recipe file (optional) + overrides (None values ignored) -> TrainConfig."""
-    values = read_yaml(path) if path else {}
-    source = str(path) if path else "train options"
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`values` with `overrides` on top (None values ignored); `model_args` are merged key by key."""
     for key, value in overrides.items():
         if value is None:
             continue
@@ -221,4 +219,10 @@ def load_train_config(path: str | Path | None = None, **overrides: Any) -> Train
             values["model_args"] = {**values.get("model_args", {}), **value}
         else:
             values[key] = value
-    return make_config(TrainConfig, values, source=source)
+    return values
+
+
+def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Recipe file (optional) + overrides (None values ignored) -> TrainConfig."""
+    values = apply_overrides(read_yaml(path) if path else {}, overrides)
+    return make_config(TrainConfig, values, source=str(path) if path else "train options")

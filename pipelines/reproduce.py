@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import storage, tracking
-from pipelines.config import CONFIG_DIR, TrainConfig, config_model, make_config, read_yaml
+from pipelines.config import (
+    CONFIG_DIR,
+    TrainConfig,
+    apply_overrides,
+    config_model,
+    make_config,
+    read_yaml,
+)
 from pipelines.errors import UserError
 
 RECIPE_DIR = CONFIG_DIR / "reproduce"
@@ -131,11 +138,7 @@ def stage_config(
         layers += [recipe.tiny, stage.tiny]
     layers += [cfg.train_overrides, fixed]
     for layer in layers:
-        for key, value in layer.items():
-            if key == "model_args":
-                values["model_args"] = {**values.get("model_args", {}), **value}
-            else:
-                values[key] = value
+        apply_overrides(values, layer)
     if stage.pretrained and cfg.pretrained and not cfg.tiny:
         values["pretrained"] = cfg.pretrained
     return make_config(TrainConfig, values, source=f"recipe {cfg.recipe}: stage {stage.name}")

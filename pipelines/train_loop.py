@@ -38,16 +38,18 @@ def freeze(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[str]:
     Dilation trains its context module on the output of a trained, fixed front end (Yu & Koltun, section
     5): `freeze: [features, fc6, fc7, final]`. A prefix that names no parameter is a UserError.
     """
-    names = [name for name, _ in model.named_parameters()]
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    params = dict(model.named_parameters())
     for prefix in prefixes:
-        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+        if not any(under(name, prefix) for name in params):
             children = ", ".join(name for name, _ in model.named_children())
             raise UserError(f"freeze: {prefix!r} names no parameter of this model; its layers: {children}")
-    frozen = []
-    for name, param in model.named_parameters():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
-            param.requires_grad_(False)
-            frozen.append(name)
+    frozen = [name for name in params if any(under(name, p) for p in prefixes)]
+    for name in frozen:
+        params[name].requires_grad_(False)
     return frozen
 
 
