@@ -141,6 +141,9 @@ def materialize(payload: dict[str, bytes]) -> Path:
     return folder
 
 
+SCORE_PER_ACTOR = 8  # val images per scoring actor at least (a small split is scored by fewer actors)
+
+
 class ScoreImages:
     """Ray Data actor: loads the model once, returns one flattened confusion matrix per image."""
 
@@ -210,7 +213,7 @@ def score_split(
     import ray
     import torch
 
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime import ensure_ray, pool_size
     from segmodels.metrics import ConfusionMatrix
 
     ensure_ray()
@@ -225,7 +228,9 @@ def score_split(
 
         ids = ds.select_columns([IMAGE_ID]).to_pandas()[IMAGE_ID]
         check_covered(settings.proposals, ids, "proposals file")
-    workers = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    images = data.manifest.splits[split].rows
+    images = min(images, max_images) if max_images else images
+    workers = concurrency or pool_size(int(ray.cluster_resources().get("CPU", 1)), images, SCORE_PER_ACTOR)
     payload_ref = [ray.put(model_payload(model_folder))]
     scored = ds.map_batches(
         ScoreImages,

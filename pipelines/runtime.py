@@ -110,3 +110,9 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def pool_size(workers: int, items: int, per_actor: int) -> int:
+    """Actors for a pool of model-loading actors over `items` batches/images: at most `workers`, and none
+    started for fewer than `per_actor` items (each loads torch and a model: seconds before its first item)."""
+    return max(1, min(workers, -(-items // max(1, per_actor))))

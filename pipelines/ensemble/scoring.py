@@ -145,7 +145,7 @@ def score_candidates(
     import ray.data
 
     from pipelines.evaluate import model_payload
-    from pipelines.runtime import cluster_gpus, ensure_ray
+    from pipelines.runtime import cluster_gpus, ensure_ray, pool_size
 
     ensure_ray()
     ds = data.split(split)
@@ -156,7 +156,10 @@ def score_candidates(
     # A fixed pool (as `segpipe predict`): on CPUs one actor per core but one, the last core left to the
     # read tasks, and the actors' torch threads use the cores they hold, so 2 cores score with 2 threads.
     # A pool left to grow from one actor stayed at one here, scoring on a single core.
-    workers = concurrency or max(1, int(gpus) if gpus else cpus - 1)
+    # A split of a few shards gets one actor per shard.
+    images = data.manifest.splits[split].rows
+    images = min(images, max_images) if max_images else images
+    workers = concurrency or pool_size(max(1, int(gpus) if gpus else cpus - 1), images, images_per_shard)
     threads = 1 if gpus else max(1, cpus // workers)
     payload_refs = [[ray.put(model_payload(f)) for f in folders]]
     scored = ds.map_batches(

@@ -21,7 +21,23 @@ from pipelines.reproduce import (
     stage_config,
 )
 
+VAL_IMAGES = 6
 RECIPES = ["deconvnet", "deeplab", "dilation", "fcn", "fcn_atonce", "pspnet", "unet"]
+
+
+@pytest.fixture(scope="module")
+def small_voc(tmp_path_factory, ray_session) -> str:
+    """A smaller VOC than the session's (16 train, 6 val): a recipe chains up to five training stages."""
+    from pipelines.prepare import PrepareConfig, prepare
+    from pipelines.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("reproduce")
+    src = synthesize(
+        SynthConfig(layout="voc", out=str(root / "src"), num_train=16, num_val=VAL_IMAGES, seed=3)
+    )
+    out = str(root / "prepared")
+    prepare(PrepareConfig(dataset="voc", root=str(src), out=out))
+    return out
 
 
 class FakeData:
@@ -61,10 +77,10 @@ def test_every_recipe_and_its_tiny_variant_validate_without_training() -> None:
         check_stages(fcn, ReproduceConfig(recipe="fcn", data="d"), FakeData, "voc")
 
 
-def tiny(name: str, prepared_voc, mlflow_uri, tmp_path, **values) -> ReproduceConfig:
+def tiny(name: str, data, mlflow_uri, tmp_path, **values) -> ReproduceConfig:
     return ReproduceConfig(
         recipe=name,
-        data=prepared_voc,
+        data=data,
         tiny=True,
         tracking_uri=mlflow_uri,
         storage=str(tmp_path / "ray"),
@@ -80,14 +96,14 @@ def children(client: MlflowClient, run_id: str) -> dict[str, object]:
 
 
 @pytest.mark.slow
-def test_fcn_staged_then_edeconvnet_on_proposals(prepared_voc, mlflow_uri, tmp_path, capsys) -> None:
+def test_fcn_staged_then_edeconvnet_on_proposals(small_voc, mlflow_uri, tmp_path, capsys) -> None:
     """FCN 32s -> 16s -> 8s, each from the last; then DeconvNet stage 1 -> stage 2 -> EDeconvNet with the
     FCN result, scored instance-wise; re-running a finished recipe does nothing new."""
     client = tracking.connect(mlflow_uri)  # a bare MlflowClient would take another test's registry
     args = [
         "--tiny",
         "--data",
-        prepared_voc,
+        small_voc,
         "--tracking-uri",
         mlflow_uri,
         "--storage",
@@ -107,7 +123,10 @@ def test_fcn_staged_then_edeconvnet_on_proposals(prepared_voc, mlflow_uri, tmp_p
     assert set(fcn["stages"]) == {"fcn32s", "fcn16s", "fcn8s"}  # (the JSON file sorts its keys)
     assert fcn["model_uri"] == "models:/reproduce-fcn-voc/1"
     assert fcn["table"]["published"] == {"miou": 62.2, "split": "VOC2012 test", "model": "FCN-8s, staged"}
-    assert 0 <= fcn["table"]["ours"]["miou"] <= 100 and fcn["table"]["ours"]["split"] == "voc val (12 images)"
+    assert (
+        0 <= fcn["table"]["ours"]["miou"] <= 100
+        and fcn["table"]["ours"]["split"] == f"voc val ({VAL_IMAGES} images)"
+    )
     runs = children(client, fcn["run_id"])
     stage_runs = [runs[n] for n in sorted(runs) if n.endswith(("fcn32s", "fcn16s", "fcn8s"))]
     assert len(stage_runs) == 3
@@ -120,16 +139,16 @@ def test_fcn_staged_then_edeconvnet_on_proposals(prepared_voc, mlflow_uri, tmp_p
     assert str(client.get_model_version_by_alias("reproduce-fcn-voc", "reproduced").version) == "1"
 
     # A finished recipe re-run: every stage, the registration and the score come from its state.
-    again = reproduce(tiny("fcn", prepared_voc, mlflow_uri, tmp_path))
+    again = reproduce(tiny("fcn", small_voc, mlflow_uri, tmp_path))
     assert again["model_uri"] == fcn["model_uri"] and again["table"] == fcn["table"]
     assert "fcn32s: already done, skipped" in capsys.readouterr().out
 
     proposals = tmp_path / "proposals.json"
     from pipelines.dataset import open_prepared
 
-    ids = open_prepared(prepared_voc).split("val", columns=["image_id"]).to_pandas()["image_id"]
+    ids = open_prepared(small_voc).split("val", columns=["image_id"]).to_pandas()["image_id"]
     proposals.write_text(json.dumps({i: [[0, 0, 40, 40], [10, 10, 60, 50]] for i in ids}))
-    deconv = reproduce(tiny("deconvnet", prepared_voc, mlflow_uri, tmp_path, proposals=str(proposals)))
+    deconv = reproduce(tiny("deconvnet", small_voc, mlflow_uri, tmp_path, proposals=str(proposals)))
     assert list(deconv["stages"]) == ["stage1", "stage2", "edeconvnet"]
     assert deconv["table"]["instance"] is True and deconv["table"]["published"]["miou"] == 72.5
     runs = children(client, deconv["run_id"])
@@ -151,7 +170,7 @@ def test_fcn_staged_then_edeconvnet_on_proposals(prepared_voc, mlflow_uri, tmp_p
         "--model-uri",
         deconv["model_uri"],
         "--input",
-        f"{prepared_voc}:val",
+        f"{small_voc}:val",
         "--out",
         str(out),
     ]
@@ -177,11 +196,11 @@ def test_fcn_staged_then_edeconvnet_on_proposals(prepared_voc, mlflow_uri, tmp_p
 
 @pytest.mark.slow
 def test_deeplab_msc_with_crf_and_dilation_context_on_a_fixed_front_end(
-    prepared_voc, mlflow_uri, tmp_path
+    small_voc, mlflow_uri, tmp_path
 ) -> None:
     from segmodels.weights import read_state_dict
 
-    deeplab = reproduce(tiny("deeplab", prepared_voc, mlflow_uri, tmp_path))
+    deeplab = reproduce(tiny("deeplab", small_voc, mlflow_uri, tmp_path))
     assert list(deeplab["stages"]) == ["largefov", "msc", "crf"]
     assert deeplab["table"]["published"]["miou"] == 71.6
     client = tracking.connect(mlflow_uri)  # a bare MlflowClient would take another test's registry
@@ -189,9 +208,9 @@ def test_deeplab_msc_with_crf_and_dilation_context_on_a_fixed_front_end(
     msc = next(r for r in runs.values() if r.data.params.get("cfg.model_args", "").find("'msc': True") >= 0)
     assert int(msc.data.params["init_from.copied"]) > 0 and int(msc.data.params["init_from.kept"]) > 0
     (crf_run,) = [r for r in runs.values() if r.data.tags.get("segpipe.stage") == "ensemble"]
-    assert crf_run.data.params["selection_images"] == "12"
+    assert crf_run.data.params["selection_images"] == str(VAL_IMAGES)
 
-    dilation = reproduce(tiny("dilation", prepared_voc, mlflow_uri, tmp_path))
+    dilation = reproduce(tiny("dilation", small_voc, mlflow_uri, tmp_path))
     assert list(dilation["stages"]) == ["front_end", "context"]
     front = tracking.download_model(dilation["stages"]["front_end"]["output"]["model_uri"], mlflow_uri)
     context = tracking.download_model(dilation["stages"]["context"]["output"]["model_uri"], mlflow_uri)
@@ -203,11 +222,11 @@ def test_deeplab_msc_with_crf_and_dilation_context_on_a_fixed_front_end(
 
 
 @pytest.mark.slow
-def test_single_stage_recipe_fcn_at_once(prepared_voc, mlflow_uri, tmp_path) -> None:
+def test_single_stage_recipe_fcn_at_once(small_voc, mlflow_uri, tmp_path) -> None:
     """One stage with the paper's recipe file (the U-Net and PSPNet recipes are the same path; each of
     their tiny configs is built and checked above, and `segpipe train` runs both architectures elsewhere)."""
     name = "fcn_atonce"
-    result = reproduce(tiny(name, prepared_voc, mlflow_uri, tmp_path))
+    result = reproduce(tiny(name, small_voc, mlflow_uri, tmp_path))
     assert list(result["stages"]) == [load_recipe(name).stages[0].name]
     assert result["model_uri"] == f"models:/reproduce-{name}-voc/1"
     assert result["table"]["ours"]["miou"] is not None

@@ -1,4 +1,4 @@
-"""The retraining loop as one job: promotion, idempotence, no-promotion, crash and resume, `ray job submit`."""
+"""The retraining loop as one job: promotion, idempotence, no-promotion, `ray job submit`, stop and resume."""
 
 from __future__ import annotations
 
@@ -96,59 +96,22 @@ def test_promotes_then_is_idempotent_then_keeps_champion_without_a_margin_win(
     assert client.get_run(third["run_id"]).data.tags["segpipe.decision"] == "kept champion"
 
 
-def test_crash_after_tune_resumes_from_finished_steps(voc_source, tmp_path):
-    config = retrain_file(tmp_path, voc_source)
-    cfg = load_retrain(str(config))
-    cmd = [sys.executable, "-m", "pipelines.cli", "retrain", "--config", str(config)]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
-    deadline = time.monotonic() + 600
-    state = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = list((tmp_path / "ray" / "retrain-t").glob("*/state.json"))
-        if found and "tune" in json.loads(found[0].read_text())["steps"]:
-            state = found[0]
-            break
-        time.sleep(0.2)
-    assert state is not None, "retrain never finished its tune step"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-ensemble
-    proc.wait(timeout=60)
-    assert "promote" not in json.loads(state.read_text())["steps"]
-    runs = training_runs(cfg.tracking_uri)
-
-    done = subprocess.run(
-        cmd + ["--json-out", str(tmp_path / "out.json")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "step prepare: already done" in done.stdout and "step tune: already done" in done.stdout
-    assert training_runs(cfg.tracking_uri) == runs  # nothing retrained
-    result = json.loads((tmp_path / "out.json").read_text())
-    assert result["promoted"] and set(result["steps"]) == {"prepare", "tune", "ensemble", "promote"}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
-    """`ray start --head` on 127.0.0.1 (token auth), `ray job submit --working-dir`, wait, check the champion.
+def test_ray_job_stopped_mid_cycle_resumes_on_resubmit(voc_source, tmp_path):
+    """`ray start --head` on 127.0.0.1 (token auth) and `ray job submit --working-dir`: the first job is
+    stopped once its tune step is recorded (the driver killed mid-ensemble, as a preempted scheduled job);
+    the same command submitted again continues from the finished steps, trains nothing, and promotes.
 
-    The retrain file names no storage: inside a job the checkpoints must default to the user's ~/ray_results
-    (HOME is a folder of this test), not to the job's temporary working_dir package.
+    The retrain file names no storage: inside a job the checkpoints and the step state must default to
+    the user's ~/ray_results (HOME is a folder of this test), not to the job's temporary working_dir package.
     """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     bin_dir = Path(sys.executable).parent
     home = tmp_path / "home"
     home.mkdir()
@@ -165,6 +128,7 @@ def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
     subprocess.run(
         [str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True
     )
+    token = (home / ".ray" / "auth_token").read_text().strip()
     gcs, dashboard, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
     temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
     head = subprocess.Popen(
@@ -203,42 +167,72 @@ def test_ray_job_submit_runs_retrain_on_a_real_head(voc_source, tmp_path):
             assert time.monotonic() < deadline and head.poll() is None, "Ray head did not come up"
             time.sleep(1)
         config = retrain_file(tmp_path, voc_source, storage="")
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         out = tmp_path / "job.json"
         runtime_env = {
             "working_dir": str(REPO),
             "excludes": [".venv", ".git", "demo", "mlruns", "ray_results", "*.egg-info"],
         }
-        submit = [
-            str(bin_dir / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
-            "python",
-            "-m",
-            "pipelines.cli",
-            "retrain",
-            "--config",
-            str(config),
-            "--json-out",
-            str(out),
-        ]
-        # The Jobs API answers before the head's job agent has registered ("No available agent"): retry that.
-        for _ in range(30):
-            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-            if "No available agent" not in job.stderr:
+
+        def submit(*options: str) -> subprocess.CompletedProcess:
+            cmd = [
+                str(bin_dir / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--runtime-env-json",
+                json.dumps(runtime_env),
+                *options,
+                "--",
+                "python",
+                "-m",
+                "pipelines.cli",
+                "retrain",
+                "--config",
+                str(config),
+                "--json-out",
+                str(out),
+            ]
+            # The Jobs API answers before the head's job agent has registered ("No available agent").
+            for _ in range(30):
+                job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+                if "No available agent" not in job.stderr:
+                    return job
+                time.sleep(2)
+            return job
+
+        first = submit("--no-wait", "--submission-id", "retrain-stopped")
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        jobs = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+        durable = home / "ray_results"
+        deadline, state = time.monotonic() + 600, None
+        while time.monotonic() < deadline:
+            found = list((durable / "retrain-t").glob("*/state.json"))
+            if found and "tune" in json.loads(found[0].read_text())["steps"]:
+                state = found[0]
                 break
-            time.sleep(2)
+            status = jobs.get_job_status("retrain-stopped")
+            assert not status.is_terminal(), f"{status}: {jobs.get_job_logs('retrain-stopped')[-3000:]}"
+            time.sleep(0.2)
+        assert state is not None, "the job never finished its tune step"
+        jobs.stop_job("retrain-stopped")
+        while not jobs.get_job_status("retrain-stopped").is_terminal():
+            assert time.monotonic() < deadline, "the stopped job never stopped"
+            time.sleep(0.5)
+        assert jobs.get_job_status("retrain-stopped") == JobStatus.STOPPED
+        assert "promote" not in json.loads(state.read_text())["steps"]
+        runs = training_runs(uri)
+
+        job = submit()
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout.lower()
+        assert "step prepare: already done" in job.stdout and "step tune: already done" in job.stdout
+        assert training_runs(uri) == runs  # nothing retrained
         result = json.loads(out.read_text())
-        assert result["promoted"]
-        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert result["promoted"] and set(result["steps"]) == {"prepare", "tune", "ensemble", "promote"}
+        client = MlflowClient(uri)
         assert tracking.alias_version(client, "retrained", "champion") == result["champion_version"]
-        durable = home / "ray_results"
         assert (durable / "retrain-t").is_dir(), sorted(p.name for p in home.rglob("*"))[:20]
         assert any(durable.rglob("checkpoint_epoch_*")), "no checkpoint under ~/ray_results"
     finally:

@@ -23,7 +23,7 @@ UNET = {
     "optimizer": "adamw",
     "crop": 64,
     "batch_size": 4,
-    "epochs": 4,
+    "epochs": 2,
     "scale_min": 0.75,
     "scale_max": 1.25,
     "num_overlays": 1,
@@ -67,7 +67,7 @@ def searched(prepared_voc, store) -> dict:
 def test_tune_completes_and_asha_stops_weak_trials(searched, store):
     unet = searched["architectures"]["unet"]
     assert len(unet["trials"]) == 3
-    stopped = [t for t in unet["trials"] if t["iterations"] < 4]
+    stopped = [t for t in unet["trials"] if t["iterations"] < UNET["epochs"]]
     assert stopped, f"ASHA stopped nothing: {unet['trials']}"
     assert all(t["status"] == "KILLED" for t in stopped)
     assert unet["best"]["status"] == "FINISHED" and unet["best"]["model_uri"].startswith("runs:/")
