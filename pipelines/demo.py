@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import UserError
 from pipelines.report import format_table
 
 # Tiny CPU settings per architecture for demos and tests; same architectures, fewer channels.
@@ -82,6 +83,17 @@ class DemoConfig:
     num_val: int = 16
     port: int = 8000
     keep_serving: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.trials < 1:
+            raise UserError(f"--epochs and --trials must be >= 1, got {self.epochs} and {self.trials}")
+        if self.num_train < 8 or self.num_val < 4:
+            raise UserError(
+                f"--num-train {self.num_train} --num-val {self.num_val}: the demo needs at least 8 training "
+                "images (two batches) and 4 val images (it segments 4 over HTTP)"
+            )
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port {self.port} is not a TCP port (1-65535)")
 
 
 def demo_retrain_config(cfg: DemoConfig, source: Path, work: Path) -> dict[str, Any]:

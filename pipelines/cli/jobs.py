@@ -124,6 +124,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default="demo", help="where data, runs and overlays go (default: ./demo)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
     p.add_argument("--trials", type=int, default=2, help="trials per architecture (default: 2)")
+    p.add_argument("--num-train", type=int, default=64, help="generated training images (default: 64)")
+    p.add_argument("--num-val", type=int, default=16, help="generated val images (default: 16)")
     p.add_argument("--port", type=int, default=8000, help="serving port on 127.0.0.1 (default: 8000)")
     p.add_argument("--keep-serving", action="store_true", help="leave the endpoint up until Ctrl-C")
     p.add_argument("--json-out", help="write the demo's results here")
@@ -138,6 +140,8 @@ def _run_demo(args: argparse.Namespace) -> None:
             workdir=args.workdir,
             epochs=args.epochs,
             trials=args.trials,
+            num_train=args.num_train,
+            num_val=args.num_val,
             port=args.port,
             keep_serving=args.keep_serving,
         )

@@ -275,6 +275,10 @@ def test_demo_runs_the_whole_mission(tmp_path):
             "2",
             "--trials",
             "1",
+            "--num-train",
+            "24",
+            "--num-val",
+            "8",
             "--port",
             str(port),
             "--json-out",
@@ -297,3 +301,12 @@ def test_demo_runs_the_whole_mission(tmp_path):
     summary = json.loads(out.read_text())
     assert len(summary["answers"]) == 4 and all("classes_present" in a for a in summary["answers"])
     assert len(list(Path(summary["overlays"]).glob("*-overlay.jpg"))) == 4
+
+
+def test_demo_refuses_bad_sizes_before_any_work(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["demo", "--workdir", str(tmp_path / "d"), "--num-val", "2"]) == 2
+    assert "at least 8 training images (two batches) and 4 val images" in capsys.readouterr().err
+    assert main(["demo", "--workdir", str(tmp_path / "d"), "--epochs", "0"]) == 2
+    assert not (tmp_path / "d").exists()
