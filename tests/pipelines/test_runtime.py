@@ -50,3 +50,20 @@ def test_verbose_leaves_workers_and_tune_as_ray_has_them(monkeypatch):
     monkeypatch.setenv(runtime.VERBOSE_ENV, "0")
     assert runtime.tune_verbosity() == 0
     assert runtime.log_level() > runtime.logging.INFO
+
+
+def test_reading_a_split_samples_its_files_without_a_bar_unless_verbose(prepared_voc, monkeypatch, capfd):
+    from ray.data import DataContext
+
+    from pipelines.dataset import open_prepared
+
+    monkeypatch.setattr(DataContext.get_current(), "enable_progress_bars", True)
+    monkeypatch.setenv(runtime.VERBOSE_ENV, "0")
+    ds = open_prepared(prepared_voc).split("val")
+    assert "Parquet dataset sampling" not in capfd.readouterr().err
+    assert ds.context.enable_progress_bars is True  # the dataset's own execution keeps the caller's choice
+    assert DataContext.get_current().enable_progress_bars is True
+
+    monkeypatch.setenv(runtime.VERBOSE_ENV, "1")
+    open_prepared(prepared_voc).split("val")
+    assert "Parquet dataset sampling" in capfd.readouterr().err
