@@ -77,6 +77,20 @@ def test_every_recipe_and_its_tiny_variant_validate_without_training() -> None:
         check_stages(fcn, ReproduceConfig(recipe="fcn", data="d"), FakeData, "voc")
 
 
+def test_list_prints_every_recipe_with_its_stages_and_published_number(capsys) -> None:
+    assert main(["reproduce", "--list"]) == 0
+    out = capsys.readouterr().out
+    lines = {
+        line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in RECIPES
+    }
+    assert sorted(lines) == RECIPES
+    assert "fcn32s -> fcn16s -> fcn8s" in lines["fcn"] and "62.2" in lines["fcn"]
+    assert "72.5" in lines["deconvnet"] and "85.4" in lines["pspnet"] and "92.03" in lines["unet"]
+
+    assert main(["reproduce", "fcn"]) == 2
+    assert "give a RECIPE and --data PREPARED" in capsys.readouterr().err
+
+
 def tiny(name: str, data, mlflow_uri, tmp_path, **values) -> ReproduceConfig:
     return ReproduceConfig(
         recipe=name,
