@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/augment.py [--samples 60] [--images 4]
 
-Times `pipelines.augment.augment_sample` (crop-first: sample the geometry, resample only the crop window)
+Times `pipelines.data.augment.augment_sample` (crop-first: sample the geometry, resample only the crop window)
 against the previous whole-image path kept below as the baseline (resize, rotate and blur the whole
 image, then pad and crop), on the same decoded images with the same seeds, in one process and one thread,
 old and new alternating in blocks so that load from other processes falls on both. Recipes:
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from pipelines.augment import (
+from pipelines.data.augment import (
     IGNORE,
     MEAN_RGB,
     AugmentParams,

@@ -64,9 +64,9 @@ def make_input(work: Path, images: int, size: tuple[int, int]) -> tuple[str, lis
     """Prepared val split of `images` synthetic VOC images, and the three candidate model folders."""
     import torch
 
-    from pipelines.dataset import open_prepared
-    from pipelines.prepare import PrepareConfig, prepare
-    from pipelines.synth import SynthConfig, synthesize
+    from pipelines.data.dataset import open_prepared
+    from pipelines.data.prepare import PrepareConfig, prepare
+    from pipelines.data.synth import SynthConfig, synthesize
     from segmodels import build_model
     from segmodels.artifact import MemberSpec, ModelSpec, save_model_dir
 
@@ -93,8 +93,8 @@ def make_input(work: Path, images: int, size: tuple[int, int]) -> tuple[str, lis
 
 
 def reference_greedy():
-    """The in-memory greedy selection kept by tests/pipelines/test_ensemble_shards.py as the reference."""
-    path = ROOT / "tests" / "pipelines" / "test_ensemble_shards.py"
+    """The in-memory greedy selection kept by tests/pipelines/select/test_ensemble_shards.py as the reference."""
+    path = ROOT / "tests" / "pipelines" / "select" / "test_ensemble_shards.py"
     spec = importlib.util.spec_from_file_location("ensemble_reference", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -105,8 +105,8 @@ def in_driver(data_dir: str, folders: list[str], rounds: int) -> dict:
     """The previous algorithm: everything in the driver process."""
     import numpy as np
 
-    from pipelines.dataset import decode_image, decode_mask, open_prepared
-    from pipelines.evaluate import InferenceSettings, predict_image
+    from pipelines.data.dataset import decode_image, decode_mask, open_prepared
+    from pipelines.inference.evaluate import InferenceSettings, predict_image
     from segmodels.artifact import load_model_dir
 
     greedy = reference_greedy()
@@ -131,10 +131,10 @@ def in_driver(data_dir: str, folders: list[str], rounds: int) -> dict:
 
 
 def on_cluster(data_dir: str, folders: list[str], rounds: int, crf_images: int, work: Path) -> dict:
-    from pipelines.dataset import open_prepared
-    from pipelines.ensemble.crf_search import coarse_settings, crf_confusion, fine_settings, search_crf
-    from pipelines.ensemble.scoring import score_candidates
-    from pipelines.ensemble.selection import greedy_select
+    from pipelines.data.dataset import open_prepared
+    from pipelines.select.ensemble.crf_search import coarse_settings, crf_confusion, fine_settings, search_crf
+    from pipelines.select.ensemble.scoring import score_candidates
+    from pipelines.select.ensemble.selection import greedy_select
 
     data = open_prepared(data_dir)
     out = str(work / f"shards-{os.getpid()}")

@@ -6,9 +6,9 @@ For each recipe (its crop and augmentation, on synthetic images at the published
 Cityscapes 2048x1024), in the same run:
 - tight loop: one process, no Ray, decodes and augments the prepared rows with `augment_batch` (the
   encoded bytes are read beforehand): the most one core can deliver;
-- segpipe feed: the Ray Dataset a training run streams (`pipelines.train.train_feed`: parquet read with
+- segpipe feed: the Ray Dataset a training run streams (`pipelines.train.trainer.train_feed`: parquet read with
   file shuffle -> augment), consumed as a worker does (`streaming_split(1, equal=True)` then
-  `pipelines.train_loop.iter_train_batches`, i.e. local shuffle, collate to tensors, prefetch), with no
+  `pipelines.train.loop.iter_train_batches`, i.e. local shuffle, collate to tensors, prefetch), with no
   model, for --epochs epochs; Ray has every core of the machine.
 Target: feed >= 0.8 x tight loop x cores. Also records the CPU seconds of both (all processes), which say
 where the time goes when the target is missed. `--json-out` saves the figures.
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 from prepare import tree_cpu_seconds  # bench/prepare.py, beside this script
 
-from pipelines.augment import AugmentParams, augment_batch
 from pipelines.config import CONFIG_DIR, load_train_config
-from pipelines.dataset import IMAGE, MASK, open_prepared
-from pipelines.prepare import PrepareConfig, prepare
-from pipelines.synth import SynthConfig, synthesize
+from pipelines.data.augment import AugmentParams, augment_batch
+from pipelines.data.dataset import IMAGE, MASK, open_prepared
+from pipelines.data.prepare import PrepareConfig, prepare
+from pipelines.data.synth import SynthConfig, synthesize
 
 SOURCE_SIZE = {"voc": (375, 500), "cityscapes": (1024, 2048)}  # (H, W) as published
 
@@ -55,8 +55,8 @@ def ray_feed(data, cfg, epochs: int) -> dict:
     """images/s of the training feed per epoch, no model, and the CPU s/image all processes spent."""
     import torch
 
-    from pipelines.train import train_feed
-    from pipelines.train_loop import iter_train_batches
+    from pipelines.train.loop import iter_train_batches
+    from pipelines.train.trainer import train_feed
 
     shard = train_feed(cfg, data).streaming_split(1, equal=True)[0]
     rates, first_batch_s = [], []

@@ -26,9 +26,9 @@ import torch
 from evaluate import model_folder, smooth_image  # bench/evaluate.py
 from PIL import Image
 
-from pipelines.dataset import decode_image
-from pipelines.evaluate import InferenceSettings, predict_batch
-from pipelines.predict import PredictConfig, predict
+from pipelines.data.dataset import decode_image
+from pipelines.inference.evaluate import InferenceSettings, predict_batch
+from pipelines.inference.predict import PredictConfig, predict
 from pipelines.report import format_table, palette_png
 from pipelines.runtime import ensure_ray
 from segmodels.artifact import load_model_dir

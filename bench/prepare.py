@@ -3,7 +3,7 @@
     .venv/bin/python bench/prepare.py [--num 500] [--size 375 500] [--num-cpus N]
 
 Writes N synthetic VOC images (default 500 at 500x375, like VOC's), then times, in the same run:
-- the Ray Data pipeline (`pipelines.prepare.prepare`: list, read, decode, validate, convert, encode,
+- the Ray Data pipeline (`pipelines.data.prepare.prepare`: list, read, decode, validate, convert, encode,
   write parquet, manifest), after a small warm-up run so worker start-up is not counted;
 - a serial loop calling the same per-sample function (`convert_sample`) and writing one parquet file;
 - the same loop spread over `ProcessPoolExecutor(--num-cpus)`;
@@ -33,10 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.dataset import COLUMNS, parquet_schema
-from pipelines.layouts import get_layout
-from pipelines.prepare import PrepareConfig, convert_batch, convert_sample, prepare
-from pipelines.synth import SynthConfig, synthesize
+from pipelines.data.dataset import COLUMNS, parquet_schema
+from pipelines.data.layouts import get_layout
+from pipelines.data.prepare import PrepareConfig, convert_batch, convert_sample, prepare
+from pipelines.data.synth import SynthConfig, synthesize
 
 
 def tree_cpu_seconds() -> float:

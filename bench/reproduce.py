@@ -40,10 +40,10 @@ def main() -> None:
 
     import ray
 
-    from pipelines.dataset import open_prepared
-    from pipelines.prepare import PrepareConfig, prepare
-    from pipelines.reproduce import ReproduceConfig, reproduce
-    from pipelines.synth import SynthConfig, synthesize
+    from pipelines.data.dataset import open_prepared
+    from pipelines.data.prepare import PrepareConfig, prepare
+    from pipelines.data.synth import SynthConfig, synthesize
+    from pipelines.jobs.reproduce import ReproduceConfig, reproduce
 
     root = Path(tempfile.mkdtemp(prefix="bench-reproduce-"))
     ray.init(

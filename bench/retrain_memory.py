@@ -18,10 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.demo import DemoConfig, demo_retrain_config
-from pipelines.retrain import load_retrain, retrain
+from pipelines.data.synth import SynthConfig, synthesize
+from pipelines.jobs.demo import DemoConfig, demo_retrain_config
+from pipelines.jobs.retrain import load_retrain, retrain
 from pipelines.runtime import ensure_ray
-from pipelines.synth import SynthConfig, synthesize
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/train.py [--model unet] [--width 0.25] [--crop 128] [--batch-size 8] [--epochs 4]
 
 Writes a synthetic VOC dataset, prepares it to parquet, then, in the same run, on the same model, data,
-batch, optimiser and training step (`pipelines.train_loop.train_one_epoch`), each with one compute thread:
+batch, optimiser and training step (`pipelines.train.loop.train_one_epoch`), each with one compute thread:
 - `segpipe train`: TorchTrainer with one worker (1 CPU), the train split streamed by Ray Data with the
   augmentation in `map_batches` on the remaining cores; images/s of its training phase per epoch (the
   `images_per_s` metric it logs to MLflow), first epoch left out as warm-up;
@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from pipelines import tracking
-from pipelines.augment import AugmentParams, augment_sample
 from pipelines.config import TrainConfig
-from pipelines.dataset import IMAGE, MASK, decode_image, decode_mask, open_prepared
-from pipelines.prepare import PrepareConfig, prepare
-from pipelines.synth import SynthConfig, synthesize
-from pipelines.train import train
-from pipelines.train_loop import build_optimizer, train_one_epoch
+from pipelines.data.augment import AugmentParams, augment_sample
+from pipelines.data.dataset import IMAGE, MASK, decode_image, decode_mask, open_prepared
+from pipelines.data.prepare import PrepareConfig, prepare
+from pipelines.data.synth import SynthConfig, synthesize
+from pipelines.train.loop import build_optimizer, train_one_epoch
+from pipelines.train.trainer import train
 from segmodels import build_model
 
 

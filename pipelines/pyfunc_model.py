@@ -39,7 +39,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         """uint8 N,H,W,3 of one size -> uint8 N,H,W class indices."""
         import torch
 
-        from pipelines.evaluate import predict_batch
+        from pipelines.inference.evaluate import predict_batch
 
         out = [
             predict_batch(self.model, images[i : i + CHUNK], settings).argmax(1).to(torch.uint8)
@@ -48,7 +48,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         return torch.cat(out).cpu().numpy()
 
     def predict(self, context, model_input, params=None):
-        from pipelines.evaluate import InferenceSettings
+        from pipelines.inference.evaluate import InferenceSettings
 
         params = params or {}
         settings = InferenceSettings(
@@ -67,7 +67,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def _predict_encoded(self, frame: pd.DataFrame, settings) -> pd.DataFrame:
         import base64
 
-        from pipelines.dataset import IMAGE, MASK, decode_image
+        from pipelines.data.dataset import IMAGE, MASK, decode_image
         from pipelines.report import palette_png
 
         if IMAGE not in frame.columns:

@@ -32,7 +32,7 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> None:
-    from pipelines.synth import SynthConfig, synthesize
+    from pipelines.data.synth import SynthConfig, synthesize
 
     cfg = SynthConfig(
         layout=args.layout,
@@ -81,7 +81,7 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> None:
-    from pipelines.prepare import PrepareConfig, TooManyBadSamples, format_summary, prepare
+    from pipelines.data.prepare import PrepareConfig, TooManyBadSamples, format_summary, prepare
 
     cfg = PrepareConfig(
         dataset=args.dataset,

@@ -34,7 +34,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 
 
 def _inference_settings(args: argparse.Namespace):
-    from pipelines.evaluate import InferenceSettings
+    from pipelines.inference.evaluate import InferenceSettings
 
     try:
         scales = tuple(float(s) for s in args.tta.split(",")) if args.tta else (1.0,)
@@ -44,7 +44,7 @@ def _inference_settings(args: argparse.Namespace):
         ) from None
     proposals = None
     if args.instance:
-        from pipelines.proposals import load_proposals
+        from pipelines.inference.proposals import load_proposals
 
         if args.top_k < 1:
             raise UserError(f"--top-k must be >= 1, got {args.top_k}")
@@ -78,7 +78,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    from pipelines.evaluate import EvalConfig, evaluate, print_evaluation
+    from pipelines.inference.evaluate import EvalConfig, evaluate, print_evaluation
 
     result = evaluate(
         EvalConfig(
@@ -133,7 +133,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> None:
-    from pipelines.predict import PredictConfig, predict
+    from pipelines.inference.predict import PredictConfig, predict
 
     result = predict(
         PredictConfig(

@@ -25,7 +25,7 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_retrain(args: argparse.Namespace) -> None:
-    from pipelines.retrain import load_retrain, retrain
+    from pipelines.jobs.retrain import load_retrain, retrain
 
     result = retrain(load_retrain(args.config, tracking_uri=args.tracking_uri))
     for step, info in result["steps"].items():
@@ -67,8 +67,8 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
 def _run_reproduce(args: argparse.Namespace) -> None:
     from pipelines.config import make_config, parse_key_values
     from pipelines.errors import UserError
+    from pipelines.jobs.reproduce import ReproduceConfig, list_rows, reproduce
     from pipelines.report import format_table
-    from pipelines.reproduce import ReproduceConfig, list_rows, reproduce
 
     if args.list:
         print(format_table(["recipe", "paper", "stages", "published mIoU"], list_rows()))
@@ -133,7 +133,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from pipelines.demo import DemoConfig, run_demo
+    from pipelines.jobs.demo import DemoConfig, run_demo
 
     summary = run_demo(
         DemoConfig(

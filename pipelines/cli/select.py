@@ -52,7 +52,7 @@ def add_ensemble(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_ensemble(args: argparse.Namespace) -> None:
-    from pipelines.ensemble import EnsembleConfig, build_ensemble
+    from pipelines.select.ensemble import EnsembleConfig, build_ensemble
 
     result = build_ensemble(
         EnsembleConfig(
@@ -92,7 +92,7 @@ def add_promote(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_promote(args: argparse.Namespace) -> None:
-    from pipelines.promote import PromoteConfig, promote
+    from pipelines.select.promote import PromoteConfig, promote
 
     result = promote(
         PromoteConfig(

@@ -33,7 +33,7 @@ def add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> None:
-    from pipelines.demo import model_table, print_model_table
+    from pipelines.jobs.demo import model_table, print_model_table
 
     rows = model_table(size=tuple(args.size), num_classes=args.num_classes, width=args.width)
     print_model_table(rows, size=tuple(args.size))
@@ -95,7 +95,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from pipelines.config import load_train_config, parse_key_values
-    from pipelines.train import train
+    from pipelines.train.trainer import train
 
     cfg = load_train_config(
         args.config,
@@ -128,7 +128,7 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune",
         help="Ray Tune search per architecture with ASHA early stopping",
-        description="Search each architecture's space from a YAML file (see pipelines/tune.py "
+        description="Search each architecture's space from a YAML file (see pipelines/train/tune.py "
         "for the format); every trial is a nested MLflow run. Re-running resumes the search.",
     )
     p.add_argument("--config", required=True, help="search YAML (data, architectures: {arch: {base, space}})")
@@ -146,7 +146,7 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
 
 def _run_tune(args: argparse.Namespace) -> None:
     from pipelines.report import format_table
-    from pipelines.tune import load_search, tune_search
+    from pipelines.train.tune import load_search, tune_search
 
     search, archs = load_search(
         args.config,

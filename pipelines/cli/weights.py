@@ -42,7 +42,7 @@ def add_import_weights(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_import_weights(args: argparse.Namespace) -> None:
-    from pipelines.import_weights import ImportConfig, import_weights
+    from pipelines.weights.import_weights import ImportConfig, import_weights
 
     result = import_weights(
         ImportConfig(

@@ -2,5 +2,5 @@
 
 `caffe` reads `.caffemodel` files; `releases` maps the releases' tensor names (Caffe FCN and its PyTorch
 port, hszhao/semseg PSPNet, MMSegmentation PSPNet) onto segpipe models. The stage is
-`pipelines.import_weights`.
+`pipelines.weights.import_weights`.
 """

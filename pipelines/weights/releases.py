@@ -3,7 +3,7 @@
 Each `map_*` takes the file's tensors (name -> tensor; Caffe blobs flattened to `layer.weight` /
 `layer.bias`) and returns a `Converted`: the segpipe keys it fills, the file keys it used, the model
 options the file implies and how the release expects its input. Checking that every key is accounted
-for and every shape fits is the stage's job (`pipelines.import_weights`).
+for and every shape fits is the stage's job (`pipelines.weights.import_weights`).
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ TINY = {
 @pytest.fixture(scope="session")
 def prepared_voc(tmp_path_factory, ray_session) -> str:
     """`segpipe synth --layout voc` -> `segpipe prepare`, once per test session."""
-    from pipelines.prepare import PrepareConfig, prepare
-    from pipelines.synth import SynthConfig, synthesize
+    from pipelines.data.prepare import PrepareConfig, prepare
+    from pipelines.data.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("voc")
     src = synthesize(SynthConfig(layout="voc", out=str(root / "src"), num_train=64, num_val=12, seed=3))
@@ -114,7 +114,7 @@ def make_candidate(prepared_voc):
     bias is raised by `bias[class]`, so candidates differ clearly without training."""
     import torch
 
-    from pipelines.dataset import open_prepared
+    from pipelines.data.dataset import open_prepared
     from segmodels import build_model
     from segmodels.artifact import MemberSpec, ModelSpec, save_model_dir
 

@@ -10,7 +10,7 @@ import yaml
 from pipelines.cli import main
 from pipelines.config import load_train_config
 from pipelines.errors import UserError
-from pipelines.retrain import load_retrain
+from pipelines.jobs.retrain import load_retrain
 
 
 def test_retrain_file_without_name_exits_2_naming_key_and_file(tmp_path, capsys) -> None:

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from pipelines import preflight, tracking
 from pipelines.errors import UserError
 from pipelines.preflight import Capacity, check_shared_storage, check_training_resources, default_storage
-from pipelines.tune import SearchConfig, _summarise
+from pipelines.train.tune import SearchConfig, _summarise
 
 TWO_CPUS = Capacity(cpus=2, gpus=0, node_cpus=2, node_gpus=0)
 

@@ -55,7 +55,7 @@ def test_verbose_leaves_workers_and_tune_as_ray_has_them(monkeypatch):
 def test_reading_a_split_samples_its_files_without_a_bar_unless_verbose(prepared_voc, monkeypatch, capfd):
     from ray.data import DataContext
 
-    from pipelines.dataset import open_prepared
+    from pipelines.data.dataset import open_prepared
 
     monkeypatch.setattr(DataContext.get_current(), "enable_progress_bars", True)
     monkeypatch.setenv(runtime.VERBOSE_ENV, "0")

@@ -1,4 +1,4 @@
-"""Local paths through `pipelines.storage` (the S3 side is in test_prepare_s3.py, against moto)."""
+"""Local paths through `pipelines.storage` (the S3 side is in data/test_prepare_s3.py, against moto)."""
 
 from __future__ import annotations
 

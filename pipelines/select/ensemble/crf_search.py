@@ -1,0 +1,103 @@
+"""Dense-CRF parameter search (DeepLab, ICLR 2015, section 4: bilateral kernel cross-validated on val).
+
+A coarse grid over the bilateral kernel (w1, theta_alpha, theta_beta), then a finer stage one half-step
+either side of the best point, each setting scored as Ray tasks over (setting, shard), 1 CPU each. The
+ensemble's probabilities are rebuilt per image from the shard's selection grid (weighted with the chosen
+counts, upsampled bilinearly to the image), so the comparison without CRF uses the very same maps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.select.ensemble.scoring import Shard, image_probs, read_shard, unpack
+from pipelines.select.ensemble.selection import confusion, miou
+
+CRF_GRID = {"w1": (3.0, 5.0), "theta_alpha": (50.0, 80.0, 120.0), "theta_beta": (3.0, 5.0)}
+FINE_STEP = {"w1": 0.5, "theta_alpha": 10.0, "theta_beta": 1.0}  # half the grid's spacing
+
+
+@dataclass(frozen=True)
+class CRFSearch:
+    """Best CRF setting (None when no setting beats the plain ensemble) and both scores, on `images`."""
+
+    params: dict[str, float] | None
+    miou_with: float
+    miou_without: float
+    images: int
+    settings_tried: int
+
+
+def crf_confusion(
+    shard_uri: str, limit: int, weights: list[float], setting: dict[str, float] | None, num_classes: int
+) -> np.ndarray:
+    """C x C confusion of the ensemble on the first `limit` images of a shard, with CRF `setting` or none."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipelines.data.dataset import decode_image, decode_mask
+    from segmodels.crf import CRFParams, dense_crf
+    from segmodels.ensemble import combine_probs
+
+    shard = read_shard(shard_uri)
+    total = np.zeros((num_classes, num_classes), np.int64)
+    for index, probs in enumerate(image_probs(shard)[:limit]):
+        image = decode_image(unpack(shard["image_bytes"], shard["image_offsets"], index))
+        truth = decode_mask(unpack(shard["mask_bytes"], shard["mask_offsets"], index))
+        grid = combine_probs(probs, weights)  # C,h,w
+        full = F.interpolate(
+            torch.from_numpy(grid)[None], size=truth.shape, mode="bilinear", align_corners=False
+        )[0].numpy()
+        if setting is not None:
+            full = dense_crf(image, full, CRFParams(**setting))
+        total += confusion(full.argmax(0), truth, num_classes)
+    return total
+
+
+def coarse_settings() -> list[dict[str, float]]:
+    return [dict(zip(CRF_GRID, values, strict=True)) for values in itertools.product(*CRF_GRID.values())]
+
+
+def fine_settings(best: dict[str, float], tried: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The best point moved half a grid step up or down along each parameter, if not tried already."""
+    out = []
+    for name, step in FINE_STEP.items():
+        for sign in (-1, 1):
+            setting = {**best, name: best[name] + sign * step}
+            if setting[name] > 0 and setting not in tried and setting not in out:
+                out.append(setting)
+    return out
+
+
+def search_crf(shards: list[Shard], weights: list[float], num_classes: int, max_images: int = 0) -> CRFSearch:
+    """Coarse grid + finer stage on the first `max_images` images of the shards (0 = all)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(crf_confusion)
+    plan, left = [], max_images or sum(s.images for s in shards)
+    for shard in shards:
+        if left <= 0:
+            break
+        plan.append((shard.uri, min(left, shard.images)))
+        left -= shard.images
+
+    def score(settings: list[dict[str, float] | None]) -> list[float]:
+        refs = [[task.remote(uri, limit, weights, s, num_classes) for uri, limit in plan] for s in settings]
+        return [miou(sum(ray.get(r))) for r in refs]
+
+    coarse = coarse_settings()
+    without, *scores = score([None, *coarse])
+    tried = list(coarse)
+    best_index = int(np.argmax(scores))
+    fine = fine_settings(coarse[best_index], tried)
+    tried += fine
+    scores += score(fine)
+    best_index = int(np.argmax(scores))
+    best = {**tried[best_index], "iterations": 10, "w2": 3.0, "theta_gamma": 3.0}
+    images = sum(limit for _, limit in plan)
+    if scores[best_index] <= without:
+        return CRFSearch(None, scores[best_index], without, images, len(tried))
+    return CRFSearch(best, scores[best_index], without, images, len(tried))

@@ -1,0 +1,148 @@
+"""`segpipe predict`: every output format, quarantine, resume, s3:// in and out, and the official Cityscapes
+evaluator scoring `--format cityscapes` output exactly as `segpipe evaluate` scores the same split."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import storage
+from pipelines.cli import main
+from pipelines.data.layouts.cityscapes import CITYSCAPES_CLASSES, TRAIN_LABELS
+from pipelines.data.layouts.voc import VOC_CLASSES
+from pipelines.inference.evaluate import InferenceSettings, predict_image
+from pipelines.inference.predict import VOC_RESULTS, PredictConfig, predict
+from segmodels.artifact import load_model_dir
+
+VOC_PALETTE = [[(37 * i) % 256, (91 * i) % 256, (53 * i) % 256] for i in range(21)]
+SIZES = {"a.jpg": (40, 52), "nested/b.png": (40, 52), "nested/deeper/c.png": (33, 61)}
+
+
+def write_inputs(root: Path) -> dict[str, np.ndarray]:
+    """Three readable images of two sizes, one corrupt file, one over the pixel limit, one non-image."""
+    rng = np.random.default_rng(1)
+    images = {}
+    for rel, (h, w) in SIZES.items():
+        images[rel] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[rel]).save(root / rel, quality=95)
+        images[rel] = np.asarray(Image.open(root / rel).convert("RGB"))  # what the JPEG decodes to
+    Image.fromarray(rng.integers(0, 256, (80, 90, 3), dtype=np.uint8)).save(root / "huge.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
+    (root / "README.txt").write_text("not an image, not an input")
+    return images
+
+
+def expected(folder: Path, image: np.ndarray) -> np.ndarray:
+    return predict_image(load_model_dir(folder), image, InferenceSettings()).argmax(0)
+
+
+def test_formats_quarantine_and_resume(ray_session, model_folder, tmp_path, capsys):
+    folder = model_folder(VOC_CLASSES, VOC_PALETTE)
+    src = tmp_path / "in"
+    images = write_inputs(src)
+    out = tmp_path / "png"
+    args = ["predict", "--model-uri", str(folder), "--input", str(src), "--out", str(out)]
+    assert main([*args, "--max-pixels", "5000", "--json-out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert (result["written"], result["skipped"], result["quarantined"]) == (3, 0, 2)
+    for rel, image in images.items():
+        png = Image.open(out / Path(rel).with_suffix(".png"))
+        assert png.mode == "P" and png.size == image.shape[1::-1]
+        np.testing.assert_array_equal(np.asarray(png), expected(folder, image))
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    reasons = {Path(q["path"]).stem: q["reason"] for q in quarantine}
+    assert reasons.keys() == {"huge", "broken"}
+    assert reasons["huge"].startswith("oversized") and "--max-pixels" in reasons["huge"]
+    assert reasons["broken"].startswith("unreadable image")
+
+    # Resumable: a second run writes nothing new and leaves the outputs as they were.
+    before = (out / "a.png").stat().st_mtime_ns
+    (out / "nested/deeper/c.png").unlink()
+    again = predict(PredictConfig(model_uri=str(folder), input=str(src), out=str(out), max_pixels=5000))
+    assert (again["written"], again["skipped"], again["quarantined"]) == (1, 2, 2)
+    assert (out / "a.png").stat().st_mtime_ns == before and (out / "nested/deeper/c.png").is_file()
+
+    voc = predict(
+        PredictConfig(model_uri=str(folder), input=str(src), out=str(tmp_path / "voc"), format="voc")
+    )
+    assert voc["written"] == 4  # without a pixel limit, huge.png is segmented too
+    got = np.asarray(Image.open(tmp_path / "voc" / VOC_RESULTS / "c.png"))
+    np.testing.assert_array_equal(got, expected(folder, images["nested/deeper/c.png"]))
+
+    parquet = tmp_path / "parquet"
+    predict(PredictConfig(model_uri=str(folder), input=str(src), out=str(parquet), format="parquet"))
+    parts = sorted(parquet.glob("*.parquet"))  # beside quarantine.jsonl
+    table = pa.concat_tables([pq.read_table(p) for p in parts]).to_pandas().set_index("image_id")
+    assert set(table.index) == {"a", "nested/b", "nested/deeper/c", "huge"}
+    row = table.loc["nested/deeper/c"]
+    assert (row["height"], row["width"]) == (33, 61)
+    mask = np.asarray(Image.open(io.BytesIO(row["mask"])))
+    np.testing.assert_array_equal(mask, expected(folder, images["nested/deeper/c.png"]))
+    resumed = predict(
+        PredictConfig(model_uri=str(folder), input=str(src), out=str(parquet), format="parquet")
+    )
+    assert (resumed["written"], resumed["skipped"]) == (0, 4)
+
+    overlay = tmp_path / "overlay"
+    predict(PredictConfig(model_uri=str(folder), input=str(src), out=str(overlay), format="overlay"))
+    assert Image.open(overlay / "a.png").mode == "RGB" and Image.open(overlay / "a.png").size == (52, 40)
+
+    # The benchmark formats refuse a model of other classes instead of writing meaningless ids.
+    assert main([*args[:-1], str(tmp_path / "cs"), "--format", "cityscapes"]) == 2
+    assert "needs a model of the 19 cityscapes classes" in capsys.readouterr().err
+
+
+def test_s3_in_and_out(ray_session, model_folder, s3, tmp_path):
+    folder = model_folder(VOC_CLASSES, VOC_PALETTE)
+    images = write_inputs(tmp_path / "in")
+    for path in (tmp_path / "in").rglob("*"):
+        if path.is_file():
+            storage.write_bytes(f"{s3}/in/{path.relative_to(tmp_path / 'in').as_posix()}", path.read_bytes())
+    cfg = PredictConfig(model_uri=str(folder), input=f"{s3}/in", out=f"{s3}/out", max_pixels=5000)
+    result = predict(cfg)
+    assert (result["written"], result["quarantined"]) == (3, 2)
+    listed = storage.list_files(f"{s3}/out")
+    assert set(listed) == {"a.png", "nested/b.png", "nested/deeper/c.png", "quarantine.jsonl"}
+    mask = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{s3}/out/nested/b.png"))))
+    np.testing.assert_array_equal(mask, expected(folder, images["nested/b.png"]))
+    assert predict(cfg)["skipped"] == 3
+
+
+@pytest.mark.slow
+def test_cityscapes_output_scores_the_same_with_the_official_evaluator(ray_session, model_folder, tmp_path):
+    """cityscapesScripts' evalPixelLevelSemanticLabeling on `--format cityscapes` output == segpipe evaluate."""
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
+
+    from pipelines.data.prepare import PrepareConfig, prepare
+    from pipelines.data.synth import SynthConfig, synthesize
+    from pipelines.inference.evaluate import EvalConfig, evaluate
+
+    root = synthesize(SynthConfig(layout="cityscapes", out=str(tmp_path / "cs"), num_train=1, num_val=6))
+    prepared = str(tmp_path / "prepared")
+    prepare(PrepareConfig(dataset="cityscapes", root=str(root), out=prepared, splits=("val",)))
+    palette = [list(label.color) for label in TRAIN_LABELS]
+    folder = model_folder(CITYSCAPES_CLASSES, palette, archs=("fcn8s",), seed=3)
+    results = tmp_path / "results"
+    written = predict(
+        PredictConfig(model_uri=str(folder), input=f"{prepared}:val", out=str(results), format="cityscapes")
+    )
+    assert written["written"] == 6
+    ours = evaluate(EvalConfig(model_uri=str(folder), data=prepared, split="val"))["metrics"]["miou"]
+
+    args = cs_eval.args
+    args.cityscapesPath, args.predictionPath, args.predictionWalk = str(root), str(results), None
+    args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
+    ground_truth = sorted(str(p) for p in (root / "gtFine" / "val").rglob("*_gtFine_labelIds.png"))
+    predictions = [cs_eval.getPrediction(args, gt) for gt in ground_truth]
+    scores = cs_eval.evaluateImgLists(predictions, ground_truth, args)
+    official = scores["averageScoreClasses"]
+    print(f"\nmIoU: cityscapesScripts {official:.4f}, segpipe evaluate {ours:.4f}")
+    assert official == pytest.approx(ours, abs=0.005)

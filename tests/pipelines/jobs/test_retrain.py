@@ -1,0 +1,312 @@
+"""The retraining loop as one job: promotion, idempotence, no-promotion, `ray job submit`, stop and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines import tracking
+from pipelines.jobs.retrain import load_retrain, retrain
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[3]
+UNET = {
+    "model_args": {"width": 0.125, "padding": "same"},
+    "optimizer": "adamw",
+    "lr_policy": "fixed",
+    "crop": 64,
+    "batch_size": 4,
+    "epochs": 2,
+    "scale_min": 0.75,
+    "scale_max": 1.25,
+    "num_overlays": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def voc_source(tmp_path_factory) -> Path:
+    from pipelines.data.synth import SynthConfig, synthesize
+
+    return synthesize(
+        SynthConfig(
+            layout="voc", out=str(tmp_path_factory.mktemp("retrain") / "voc"), num_train=32, num_val=8, seed=5
+        )
+    )
+
+
+def retrain_file(folder: Path, voc_root: Path, **overrides) -> Path:
+    body = {
+        "name": "t",
+        "source": {"dataset": "voc", "root": str(voc_root)},
+        "prepared": str(folder / "prepared"),
+        "storage": str(folder / "ray"),
+        "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+        "experiment": "retrain",
+        "register_as": "retrained",
+        "search": {"num_samples": 1, "scheduler": "none", "architectures": {"unet": {"base": UNET}}},
+        **overrides,
+    }
+    path = folder / f"retrain-{len(list(folder.glob('retrain-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def training_runs(uri: str) -> int:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("retrain")
+    return len(client.search_runs([exp.experiment_id], filter_string="tags.`segpipe.stage` = 'train'"))
+
+
+def test_promotes_then_is_idempotent_then_keeps_champion_without_a_margin_win(
+    voc_source, tmp_path, ray_session, capfd
+):
+    cfg = load_retrain(str(retrain_file(tmp_path, voc_source)))
+    first = retrain(cfg)
+    assert first["promoted"] and first["champion_version"] == "1"
+    assert not first["steps"]["prepare"]["output"]["skipped"]
+    runs = training_runs(cfg.tracking_uri)
+    client = MlflowClient(cfg.tracking_uri)
+    parent = client.get_run(first["run_id"])
+    assert parent.data.tags["segpipe.decision"] == "promoted"
+    assert {f"step_{s}_s" for s in ("prepare", "tune", "ensemble", "promote")} <= set(parent.data.metrics)
+
+    again = retrain(cfg)  # same data, same config: the finished cycle is not redone
+    assert again["cycle"] == first["cycle"] and again["champion_version"] == "1"
+    assert training_runs(cfg.tracking_uri) == runs
+    assert "step tune: already done in this cycle, skipped" in capfd.readouterr().out
+
+    strict = load_retrain(str(retrain_file(tmp_path, voc_source, margin=1.0)))  # unbeatable margin
+    third = retrain(strict)
+    assert third["cycle"] != first["cycle"]
+    assert third["steps"]["prepare"]["output"]["skipped"]  # the source did not change
+    assert not third["promoted"] and third["champion_version"] == "1"
+    assert tracking.alias_version(client, "retrained", "champion") == "1"
+    assert tracking.alias_version(client, "retrained", "challenger") == "2"
+    assert client.get_run(third["run_id"]).data.tags["segpipe.decision"] == "kept champion"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_stopped_mid_cycle_resumes_on_resubmit(voc_source, tmp_path):
+    """`ray start --head` on 127.0.0.1 (token auth) and `ray job submit --working-dir`: the first job is
+    stopped once its tune step is recorded (the driver killed mid-ensemble, as a preempted scheduled job);
+    the same command submitted again continues from the finished steps, trains nothing, and promotes.
+
+    The retrain file names no storage: inside a job the checkpoints and the step state must default to
+    the user's ~/ray_results (HOME is a folder of this test), not to the job's temporary working_dir package.
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    bin_dir = Path(sys.executable).parent
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_ADDRESS": "",
+        "HOME": str(home),
+    }
+    for var in ("SEGPIPE_STORAGE", "RAY_STORAGE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(var, None)
+    # The head and the Jobs CLI read the token from ~/.ray/auth_token: make one in this HOME.
+    subprocess.run(
+        [str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True
+    )
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    gcs, dashboard, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
+    temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
+    head = subprocess.Popen(
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=3",
+            f"--temp-dir={temp}",
+            # Free ports for the node's job agent: the defaults may be held by the test session's own Ray.
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 120
+        while (
+            subprocess.run(
+                [str(bin_dir / "ray"), "job", "list", "--address", address], env=env, capture_output=True
+            ).returncode
+            != 0
+        ):
+            assert time.monotonic() < deadline and head.poll() is None, "Ray head did not come up"
+            time.sleep(1)
+        config = retrain_file(tmp_path, voc_source, storage="")
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        out = tmp_path / "job.json"
+        runtime_env = {
+            "working_dir": str(REPO),
+            "excludes": [".venv", ".git", "demo", "mlruns", "ray_results", "*.egg-info"],
+        }
+
+        def submit(*options: str) -> subprocess.CompletedProcess:
+            cmd = [
+                str(bin_dir / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--runtime-env-json",
+                json.dumps(runtime_env),
+                *options,
+                "--",
+                "python",
+                "-m",
+                "pipelines.cli",
+                "retrain",
+                "--config",
+                str(config),
+                "--json-out",
+                str(out),
+            ]
+            # The Jobs API answers before the head's job agent has registered ("No available agent").
+            for _ in range(30):
+                job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+                if "No available agent" not in job.stderr:
+                    return job
+                time.sleep(2)
+            return job
+
+        first = submit("--no-wait", "--submission-id", "retrain-stopped")
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        jobs = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+        durable = home / "ray_results"
+        deadline, state = time.monotonic() + 600, None
+        while time.monotonic() < deadline:
+            found = list((durable / "retrain-t").glob("*/state.json"))
+            if found and "tune" in json.loads(found[0].read_text())["steps"]:
+                state = found[0]
+                break
+            status = jobs.get_job_status("retrain-stopped")
+            assert not status.is_terminal(), f"{status}: {jobs.get_job_logs('retrain-stopped')[-3000:]}"
+            time.sleep(0.2)
+        assert state is not None, "the job never finished its tune step"
+        jobs.stop_job("retrain-stopped")
+        while not jobs.get_job_status("retrain-stopped").is_terminal():
+            assert time.monotonic() < deadline, "the stopped job never stopped"
+            time.sleep(0.5)
+        assert jobs.get_job_status("retrain-stopped") == JobStatus.STOPPED
+        assert "promote" not in json.loads(state.read_text())["steps"]
+        runs = training_runs(uri)
+
+        job = submit()
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout.lower()
+        assert "step prepare: already done" in job.stdout and "step tune: already done" in job.stdout
+        assert training_runs(uri) == runs  # nothing retrained
+        result = json.loads(out.read_text())
+        assert result["promoted"] and set(result["steps"]) == {"prepare", "tune", "ensemble", "promote"}
+        client = MlflowClient(uri)
+        assert tracking.alias_version(client, "retrained", "champion") == result["champion_version"]
+        assert (durable / "retrain-t").is_dir(), sorted(p.name for p in home.rglob("*"))[:20]
+        assert any(durable.rglob("checkpoint_epoch_*")), "no checkpoint under ~/ray_results"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_bad_retrain_file_fails_before_any_work(voc_source, tmp_path):
+    from pipelines.errors import UserError
+
+    with pytest.raises(UserError, match="did you mean 'margin'"):
+        load_retrain(str(retrain_file(tmp_path, voc_source, margni=0.1)))
+    with pytest.raises(UserError, match="search.data is set by retrain"):
+        load_retrain(
+            str(retrain_file(tmp_path, voc_source, search={"data": "x", "architectures": {"unet": {}}}))
+        )
+    bad_source = retrain_file(tmp_path, voc_source, source={"dataset": "voc", "root": str(tmp_path / "none")})
+    with pytest.raises(UserError, match="empty or missing"):
+        retrain(load_retrain(str(bad_source)))
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_demo_runs_the_whole_mission(tmp_path):
+    """`segpipe demo` end to end (fewer epochs than `make demo`): every stage, real HTTP at the end."""
+    port = _free_port()
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "demo",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--epochs",
+            "2",
+            "--trials",
+            "1",
+            "--num-train",
+            "24",
+            "--num-val",
+            "8",
+            "--port",
+            str(port),
+            "--json-out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for text in (
+        "Endpoint:  http://127.0.0.1",
+        "MLflow UI: mlflow ui",
+        "Overlays:",
+        "Promotion: no champion yet",
+    ):
+        assert text in proc.stdout
+    summary = json.loads(out.read_text())
+    assert len(summary["answers"]) == 4 and all("classes_present" in a for a in summary["answers"])
+    assert len(list(Path(summary["overlays"]).glob("*-overlay.jpg"))) == 4
+
+
+def test_demo_refuses_bad_sizes_before_any_work(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["demo", "--workdir", str(tmp_path / "d"), "--num-val", "2"]) == 2
+    assert "at least 8 training images (two batches) and 4 val images" in capsys.readouterr().err
+    assert main(["demo", "--workdir", str(tmp_path / "d"), "--epochs", "0"]) == 2
+    assert not (tmp_path / "d").exists()
