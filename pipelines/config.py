@@ -80,9 +80,7 @@ class TrainConfig:
     channels_last: bool = False
     sync_bn: bool = True  # used only with several GPU workers
     compile: bool = False
-    val_batch_size: int = (
-        4  # val images per forward pass (same-size images only, see pipelines.train.loop.ValShard)
-    )
+    val_batch_size: int = 4  # val images per forward pass (same-size images only, see train.loop.ValShard)
     seed: int = 0
     max_failures: int = 2
     checkpoints_to_keep: int = 2

@@ -193,6 +193,11 @@ class PreparedDataset:
             )
         return self.manifest.splits[name]
 
+    def rows(self, name: str, limit: int = 0) -> int:
+        """Rows of split `name` (from the manifest), at most `limit` when it is not 0."""
+        rows = self._split_info(name).rows
+        return min(rows, limit) if limit else rows
+
     def split_files(self, name: str) -> list[str]:
         """The split's parquet shards as full paths / s3:// URIs."""
         return [storage.join(self.root, rel) for rel in self._split_info(name).files]

@@ -228,9 +228,8 @@ def score_split(
 
         ids = ds.select_columns([IMAGE_ID]).to_pandas()[IMAGE_ID]
         check_covered(settings.proposals, ids, "proposals file")
-    images = data.manifest.splits[split].rows
-    images = min(images, max_images) if max_images else images
-    workers = concurrency or pool_size(int(ray.cluster_resources().get("CPU", 1)), images, SCORE_PER_ACTOR)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = concurrency or pool_size(cpus, data.rows(split, max_images), SCORE_PER_ACTOR)
     payload_ref = [ray.put(model_payload(model_folder))]
     scored = ds.map_batches(
         ScoreImages,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ class BadSample(Exception):
         self.path = path
 
 
-class Layout:
+class Layout(ABC):
     """A dataset as published: class names, palette, how to list a split and how to read its labels."""
 
     name: str
@@ -51,13 +52,14 @@ class Layout:
     # checks, prepare keeps its bytes instead of re-encoding the same pixels.
     label_is_mask_png: bool = False
 
+    @abstractmethod
     def list_split(self, root: str, split: str) -> tuple[list[Sample], list[Rejected]]:
-        raise NotImplementedError
+        """The split's samples under `root` and the ones rejected while listing it."""
 
+    @abstractmethod
     def label_to_mask(self, sample: Sample, label: bytes | None) -> np.ndarray:
         """The sample's label file (or annotations) -> H x W uint8 (prepare rejects values that are neither
         < len(classes) nor 255, see `check_class_values`)."""
-        raise NotImplementedError
 
 
 def read_split_list(uri: str, available: list[str]) -> list[str]:

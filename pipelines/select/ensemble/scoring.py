@@ -157,9 +157,8 @@ def score_candidates(
     # read tasks, and the actors' torch threads use the cores they hold, so 2 cores score with 2 threads.
     # A pool left to grow from one actor stayed at one here, scoring on a single core.
     # A split of a few shards gets one actor per shard.
-    images = data.manifest.splits[split].rows
-    images = min(images, max_images) if max_images else images
-    workers = concurrency or pool_size(max(1, int(gpus) if gpus else cpus - 1), images, images_per_shard)
+    slots = max(1, int(gpus) if gpus else cpus - 1)
+    workers = concurrency or pool_size(slots, data.rows(split, max_images), images_per_shard)
     threads = 1 if gpus else max(1, cpus // workers)
     payload_refs = [[ray.put(model_payload(f)) for f in folders]]
     scored = ds.map_batches(
