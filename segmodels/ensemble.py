@@ -1,17 +1,20 @@
-"""Ensembles that average class probabilities, e.g. the DeconvNet paper's EDeconvNet.
+"""Ensembles that combine members' class maps: the weighted mean of probabilities, and EDeconvNet.
 
-EDeconvNet (Noh et al., ICCV 2015, section 4.2) averages the class-probability maps of DeconvNet and
-FCN-8s: `Ensemble([deconvnet, fcn8s])`.
+`Ensemble` averages the members' class-probability maps, as the DeconvNet paper describes EDeconvNet
+(Noh et al., ICCV 2015, section 4.2: "the average of the output maps of the two models"). Its release
+combines them differently (`edeconvnet_probs`), and that rule is what instance-wise inference runs
+(`segmodels.instance.edeconvnet_predict`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from segmodels.inference import forward_probs, predict_whole
+from segmodels.inference import _inference, forward_probs, predict_whole
 
 
 def combine_probs(probs: Iterable, weights: Iterable[float]):
@@ -32,6 +35,36 @@ def combine_probs(probs: Iterable, weights: Iterable[float]):
     if total is None:
         raise ValueError("combine_probs needs at least one member's probabilities")
     return total
+
+
+def predict_scores(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Raw class scores N,C,H,W at the input size (smaller logits upsampled bilinearly), model in eval
+    mode, no grad: what the releases' scripts read from a network's score layer, before any softmax."""
+    if getattr(model, "returns_probabilities", False):
+        raise ValueError("an ensemble outputs probabilities, not scores: pass one of its members")
+    with _inference(model):
+        out = model(image)
+    out = (out["out"] if isinstance(out, Mapping) else out).float()
+    if out.shape[-2:] != image.shape[-2:]:
+        out = F.interpolate(out, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    return out
+
+
+def edeconvnet_probs(deconvnet_scores: torch.Tensor, fcn_scores: torch.Tensor) -> torch.Tensor:
+    """EDeconvNet as released: softmax over classes (dim -3) of DeconvNet's scores x ReLU(FCN-8s's scores).
+
+    HyeonwooNoh/DeconvNet, inference/generate_EDeconvNet_CRF_results.m: `fcn_score = max(zero_mask,
+    fcn_score); ens_score = deconv_score .* fcn_score;` then `prob_map` = the softmax of `ens_score`, whose
+    -log is the dense CRF's unary. Both inputs are raw scores C,H,W (or N,C,H,W): DeconvNet's aggregated
+    over proposals by maximum (`segmodels.instance.instance_wise_scores`), FCN-8s's from the whole image.
+    The paper's text instead averages the two models' probability maps (what `Ensemble` does).
+    """
+    if deconvnet_scores.shape != fcn_scores.shape:
+        raise ValueError(
+            f"DeconvNet scores {tuple(deconvnet_scores.shape)} and FCN scores {tuple(fcn_scores.shape)} "
+            "must have the same shape (classes and size)"
+        )
+    return (deconvnet_scores * fcn_scores.clamp_min(0)).softmax(dim=-3)
 
 
 class Ensemble(nn.Module):

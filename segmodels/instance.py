@@ -1,8 +1,16 @@
-"""DeconvNet's instance-wise inference (Noh et al., ICCV 2015, section 4.1).
+"""DeconvNet's instance-wise inference (Noh et al., ICCV 2015, section 4.1), as its release runs it.
 
-The network segments each object proposal (resized to its 224x224 input) and the proposal maps are put
-back in place and aggregated pixel-wise by their maximum. The paper takes EdgeBoxes' top 50 proposals;
-without a proposal generator, `sliding_window_proposals` supplies square boxes at a few sizes.
+The network segments each object proposal (warped to its 224x224 input) and the proposals' score maps are
+put back in place and aggregated pixel-wise by their maximum. The rules follow the released inference
+script (HyeonwooNoh/DeconvNet, inference/generate_EDeconvNet_CRF_results.m): proposals whose shorter
+side is under 112 pixels are skipped, the first 50 proposals that are kept are segmented, the maximum is
+taken over raw class scores (not probabilities) into a map that starts at zero, and a softmax follows.
+EDeconvNet combines that map with FCN-8s's scores (`segmodels.ensemble.edeconvnet_probs`).
+
+Where this differs from the release: boxes are clipped to the image (the release pads the image by its
+own size with black and crops extended boxes from it), and an image none of whose proposals is kept is
+segmented as one whole-image box (the release would leave it all zero, i.e. background). Without a
+proposal generator, `sliding_window_proposals` supplies square boxes at a few sizes.
 """
 
 from __future__ import annotations
@@ -13,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segmodels.inference import predict_whole, window_starts
+from segmodels.ensemble import edeconvnet_probs, predict_scores
+from segmodels.inference import window_starts
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, end-exclusive
+MIN_BOX_SIDE = 112  # the release: `if min(box_wd, box_ht) < 112, continue; end`
+TOP_K = 50  # the release: config.max_proposal_num = 50 (inference/run_demo.m), the paper's top 50
 
 
 def sliding_window_proposals(
@@ -39,7 +50,26 @@ def sliding_window_proposals(
     return boxes
 
 
-def instance_wise_predict(
+def select_boxes(
+    boxes: Sequence[Sequence[int]] | torch.Tensor,
+    height: int,
+    width: int,
+    *,
+    top_k: int = TOP_K,
+    min_side: int = MIN_BOX_SIDE,
+) -> list[Box]:
+    """The proposals segmented, best first: boxes whose shorter side is >= `min_side`, the first `top_k`
+    of those; the whole image when none is left."""
+    if top_k < 0 or min_side < 0:
+        raise ValueError(f"need top_k >= 0 and min_side >= 0, got {top_k} and {min_side}")
+    candidates = [
+        _check_box(box, height, width) for box in (boxes.tolist() if torch.is_tensor(boxes) else boxes)
+    ]
+    kept = [b for b in candidates if min(b[2] - b[0], b[3] - b[1]) >= min_side][:top_k]
+    return kept or [(0, 0, width, height)]
+
+
+def instance_wise_scores(
     model: nn.Module,
     image: torch.Tensor,
     boxes: Sequence[Sequence[int]] | torch.Tensor | None = None,
@@ -47,40 +77,31 @@ def instance_wise_predict(
     input_size: int = 224,
     proposal_sizes: Sequence[int] = (320, 240, 160),
     stride: int | None = None,
-    top_k: int = 50,
+    top_k: int = TOP_K,
+    min_side: int = MIN_BOX_SIDE,
     batch_size: int = 8,
 ) -> torch.Tensor:
-    """Class probabilities C,H,W for one normalised image (3,H,W or 1,3,H,W) from proposal-wise predictions.
+    """Aggregated raw class scores C,H,W for one normalised image (3,H,W or 1,3,H,W), as the release.
 
-    boxes: (x1, y1, x2, y2) pixel boxes, best first (e.g. EdgeBoxes ranked by score); the first `top_k`
-    are used. Without boxes, `sliding_window_proposals(H, W, proposal_sizes, stride)`. The whole image is
-    always added as one more box, so every pixel is covered. Each box is warped to input_size x input_size,
-    run through the model (eval mode, no grad, `batch_size` boxes per pass), and its probabilities are
-    warped back into the box.
-
-    Aggregation: per pixel and class, the maximum probability over the boxes that contain the pixel, then
-    divided by its sum over classes so each pixel is a distribution again. (The paper takes the max of the
-    score maps, zero-padded outside each proposal, and applies a softmax after; taking the max of
-    probabilities keeps proposals with different logit scales comparable and makes the padding neutral.)
+    boxes: (x1, y1, x2, y2) pixel boxes, best first (e.g. EdgeBoxes ranked by score); `select_boxes`
+    keeps those whose shorter side is >= `min_side` and takes the first `top_k`. Without boxes,
+    `sliding_window_proposals(H, W, proposal_sizes, stride)`. Each box is warped to input_size x
+    input_size, run through the model (eval mode, no grad, `batch_size` boxes per pass), and its scores
+    are warped back into the box; per pixel and class the result is the maximum over the boxes and zero
+    (the release's accumulator starts at zero, so pixels outside every box score 0 for every class).
     """
     if image.ndim == 3:
         image = image.unsqueeze(0)
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(
-            f"instance_wise_predict takes one image 3,H,W or 1,3,H,W, got shape {tuple(image.shape)}"
+            f"instance-wise inference takes one image 3,H,W or 1,3,H,W, got shape {tuple(image.shape)}"
         )
-    if top_k < 0 or batch_size < 1 or input_size < 1:
-        raise ValueError(
-            f"need top_k >= 0, batch_size >= 1 and input_size >= 1, got {top_k}, {batch_size}, {input_size}"
-        )
+    if batch_size < 1 or input_size < 1:
+        raise ValueError(f"need batch_size >= 1 and input_size >= 1, got {batch_size} and {input_size}")
     height, width = image.shape[-2:]
     if boxes is None:
         boxes = sliding_window_proposals(height, width, proposal_sizes, stride)
-    candidates = [
-        _check_box(box, height, width) for box in (boxes.tolist() if torch.is_tensor(boxes) else boxes)
-    ]
-    whole = (0, 0, width, height)
-    chosen = [whole] + [box for box in candidates[:top_k] if box != whole]
+    chosen = select_boxes(boxes, height, width, top_k=top_k, min_side=min_side)
 
     aggregated = None
     for start in range(0, len(chosen), batch_size):
@@ -88,13 +109,60 @@ def instance_wise_predict(
         crops = torch.cat(
             [_resize(image[:, :, y1:y2, x1:x2], (input_size, input_size)) for x1, y1, x2, y2 in batch]
         )
-        probs = predict_whole(model, crops)
+        scores = predict_scores(model, crops)
         if aggregated is None:
-            aggregated = probs.new_zeros(probs.shape[1], height, width)
-        for (x1, y1, x2, y2), box_probs in zip(batch, probs, strict=True):
-            placed = _resize(box_probs.unsqueeze(0), (y2 - y1, x2 - x1))[0]
+            aggregated = scores.new_zeros(scores.shape[1], height, width)
+        for (x1, y1, x2, y2), box_scores in zip(batch, scores, strict=True):
+            placed = _resize(box_scores.unsqueeze(0), (y2 - y1, x2 - x1))[0]
             aggregated[:, y1:y2, x1:x2] = torch.maximum(aggregated[:, y1:y2, x1:x2], placed)
-    return aggregated / aggregated.sum(dim=0, keepdim=True).clamp_min(torch.finfo(aggregated.dtype).tiny)
+    return aggregated
+
+
+def instance_wise_predict(model: nn.Module, image: torch.Tensor, boxes=None, **options) -> torch.Tensor:
+    """Class probabilities C,H,W: the softmax of `instance_wise_scores(model, image, boxes, **options)`."""
+    return instance_wise_scores(model, image, boxes, **options).softmax(dim=0)
+
+
+def edeconvnet_predict(
+    members: Sequence[nn.Module],
+    archs: Sequence[str],
+    weights: Sequence[float],
+    image: torch.Tensor,
+    boxes: Sequence[Sequence[int]],
+    *,
+    top_k: int = TOP_K,
+    min_side: int = MIN_BOX_SIDE,
+) -> torch.Tensor:
+    """Class probabilities C,H,W of an ensemble run instance-wise: DeconvNet members on the proposals, the
+    others (FCN-8s in EDeconvNet) on the whole image, combined as the release does.
+
+    Each group's raw scores are averaged with the members' weights (renormalised within the group); with
+    both groups present the result is `edeconvnet_probs(deconvnet, others)`, with one group only the
+    softmax of its scores.
+    """
+    if not len(members) == len(archs) == len(weights) or not members:
+        raise ValueError(f"got {len(members)} members, {len(archs)} archs and {len(weights)} weights")
+    image = image if image.ndim == 4 else image.unsqueeze(0)
+
+    def group_scores(deconvnet: bool) -> torch.Tensor | None:
+        chosen = [i for i, arch in enumerate(archs) if (arch == "deconvnet") == deconvnet]
+        total = sum(float(weights[i]) for i in chosen)
+        maps = [
+            float(weights[i])
+            / total
+            * (
+                instance_wise_scores(members[i], image, boxes, top_k=top_k, min_side=min_side)
+                if deconvnet
+                else predict_scores(members[i], image)[0]
+            )
+            for i in chosen
+        ]
+        return torch.stack(maps).sum(0) if maps else None
+
+    deconv_scores, other_scores = group_scores(True), group_scores(False)
+    if deconv_scores is None or other_scores is None:
+        return (other_scores if deconv_scores is None else deconv_scores).softmax(dim=0)
+    return edeconvnet_probs(deconv_scores, other_scores)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

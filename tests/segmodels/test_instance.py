@@ -3,8 +3,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segmodels.inference import predict_whole
-from segmodels.instance import instance_wise_predict, sliding_window_proposals
+from segmodels.ensemble import edeconvnet_probs, predict_scores
+from segmodels.instance import (
+    edeconvnet_predict,
+    instance_wise_predict,
+    instance_wise_scores,
+    select_boxes,
+    sliding_window_proposals,
+)
 
 
 def pointwise_model() -> nn.Module:
@@ -16,31 +22,64 @@ def image(h: int = 32, w: int = 32) -> torch.Tensor:
     return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
 
 
-def test_whole_image_box_alone_equals_whole_image_inference():
+def test_without_proposals_the_whole_image_is_one_box_with_scores_floored_at_zero():
     model = pointwise_model()
     x = image()
     probs = instance_wise_predict(model, x, boxes=[], input_size=32)
     assert probs.shape == (5, 32, 32)
-    torch.testing.assert_close(probs, predict_whole(model, x)[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs, predict_scores(model, x)[0].clamp_min(0).softmax(0), atol=1e-6, rtol=0)
 
 
-def test_aggregates_by_pixelwise_max_over_boxes_then_normalises():
+def test_aggregates_raw_scores_by_pixelwise_max_from_zero_then_softmax_as_the_release():
     model = pointwise_model()
     x = image()
-    box = (4, 8, 20, 24)  # x1, y1, x2, y2
-    probs = instance_wise_predict(model, x, boxes=[box], input_size=16)
+    boxes = [(4, 8, 20, 24), (0, 0, 32, 16)]  # x1, y1, x2, y2
+    scores = instance_wise_scores(model, x, boxes, input_size=16, min_side=0)
 
-    def box_probs(x1, y1, x2, y2):
+    def box_scores(x1, y1, x2, y2):
         warped = F.interpolate(x[:, :, y1:y2, x1:x2], size=(16, 16), mode="bilinear", align_corners=False)
         return F.interpolate(
-            predict_whole(model, warped), size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False
+            predict_scores(model, warped), size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False
         )[0]
 
-    expected = box_probs(0, 0, 32, 32)
-    expected[:, 8:24, 4:20] = torch.maximum(expected[:, 8:24, 4:20], box_probs(*box))
-    expected = expected / expected.sum(0, keepdim=True)
+    expected = torch.zeros(5, 32, 32)  # the release's accumulator: zeros, so negative scores floor at 0
+    for x1, y1, x2, y2 in boxes:
+        expected[:, y1:y2, x1:x2] = torch.maximum(expected[:, y1:y2, x1:x2], box_scores(x1, y1, x2, y2))
+    torch.testing.assert_close(scores, expected)
+    assert (scores[:, 24:, :4] == 0).all() and (box_scores(*boxes[0]) < 0).any()  # uncovered: 0
+    torch.testing.assert_close(
+        instance_wise_predict(model, x, boxes, input_size=16, min_side=0), expected.softmax(0)
+    )
+
+
+def test_boxes_under_112_pixels_are_skipped_and_the_first_50_kept_are_used():
+    big, small, wide = (0, 0, 120, 130), (0, 0, 111, 300), (10, 10, 300, 122)
+    assert select_boxes([small, big, wide], 300, 300) == [big, wide]  # shorter side 111 < 112: skipped
+    many = [(i, 0, i + 112, 112) for i in range(60)]
+    assert select_boxes([small] * 5 + many, 300, 300) == many[:50]  # top 50 of the kept ones
+    assert select_boxes([(0, 0, 111, 150)], 200, 300) == [(0, 0, 300, 200)]  # none kept: the whole image
+    assert select_boxes([(0, 0, 20, 20)], 32, 32, min_side=16, top_k=50) == [(0, 0, 20, 20)]
+
+
+def test_edeconvnet_multiplies_deconvnet_scores_by_relu_of_fcn_scores_then_softmax():
+    deconv = torch.tensor([[[2.0]], [[1.0]], [[0.0]]])  # C=3, 1x1
+    fcn = torch.tensor([[[-3.0]], [[4.0]], [[5.0]]])
+    # The release: max(0, fcn) .* deconv = (0, 4, 0) -> softmax; class 1 wins though DeconvNet says 0.
+    torch.testing.assert_close(
+        edeconvnet_probs(deconv, fcn), torch.tensor([0.0, 4.0, 0.0]).softmax(0)[:, None, None]
+    )
+    with pytest.raises(ValueError, match="same shape"):
+        edeconvnet_probs(deconv, fcn[:2])
+
+    deconvnet, fcn8s = pointwise_model(), nn.Sequential(nn.Conv2d(3, 5, 1))
+    x, boxes = image(), [(0, 0, 16, 32)]
+    probs = edeconvnet_predict([deconvnet, fcn8s], ["deconvnet", "fcn8s"], [0.5, 0.5], x, boxes, min_side=0)
+    expected = edeconvnet_probs(
+        instance_wise_scores(deconvnet, x, boxes, min_side=0), predict_scores(fcn8s, x)[0]
+    )
     torch.testing.assert_close(probs, expected)
-    torch.testing.assert_close(probs.sum(0), torch.ones(32, 32))
+    alone = edeconvnet_predict([deconvnet], ["deconvnet"], [1.0], x, boxes, min_side=0)
+    torch.testing.assert_close(alone, instance_wise_predict(deconvnet, x, boxes, min_side=0))
 
 
 def test_default_proposals_give_normalised_probabilities():
