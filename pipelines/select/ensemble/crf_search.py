@@ -16,8 +16,15 @@ import numpy as np
 from pipelines.select.ensemble.scoring import Shard, image_probs, read_shard, unpack
 from pipelines.select.ensemble.selection import confusion, miou
 
-CRF_GRID = {"w1": (3.0, 5.0), "theta_alpha": (50.0, 80.0, 120.0), "theta_beta": (3.0, 5.0)}
-FINE_STEP = {"w1": 0.5, "theta_alpha": 10.0, "theta_beta": 1.0}  # half the grid's spacing
+# DeepLab (ICLR 2015) sec. 4.1: w2 = 3 and sigma_gamma = 3 fixed, 10 mean-field iterations; the first
+# round searches w1 in [5, 10], sigma_alpha in [50:10:100] and sigma_beta in [3:6] (MATLAB ranges), then
+# "refine the search step sizes around the first round's best values" (the finer stage below).
+CRF_GRID = {
+    "w1": (5.0, 10.0),
+    "theta_alpha": (50.0, 60.0, 70.0, 80.0, 90.0, 100.0),
+    "theta_beta": (3.0, 4.0, 5.0, 6.0),
+}
+FINE_STEP = {"w1": 2.5, "theta_alpha": 5.0, "theta_beta": 0.5}  # half the grid's spacing
 
 
 @dataclass(frozen=True)
