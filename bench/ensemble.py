@@ -106,7 +106,7 @@ def in_driver(data_dir: str, folders: list[str], rounds: int) -> dict:
     import numpy as np
 
     from pipelines.data.dataset import decode_image, decode_mask, open_prepared
-    from pipelines.inference.evaluate import InferenceSettings, predict_image
+    from pipelines.inference.core import InferenceSettings, predict_image
     from segmodels.artifact import load_model_dir
 
     greedy = reference_greedy()

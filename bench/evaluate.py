@@ -3,7 +3,7 @@
     .venv/bin/python bench/evaluate.py [--model deeplab_largefov] [--width 1.0] [--images 3] [--size 375 500]
 
 Builds the model at the paper's width (random weights: speed does not depend on them), saves it as a model
-folder and times `pipelines.inference.evaluate.predict_image`, the per-image function `segpipe evaluate` runs, on
+folder and times `pipelines.inference.core.predict_image`, the per-image function `segpipe evaluate` runs, on
 H x W RGB images in four settings:
 - whole image (one forward pass);
 - sliding window (crop 321, stride 214: DeepLab's training crop with 1/3 overlap);
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import segmodels
-from pipelines.inference.evaluate import InferenceSettings, predict_image
+from pipelines.inference.core import InferenceSettings, predict_image
 from pipelines.report import format_table
 from segmodels.artifact import MemberSpec, ModelSpec, load_model_dir, save_model_dir
 from segmodels.crf import CRFParams, dense_crf

@@ -27,7 +27,7 @@ from evaluate import model_folder, smooth_image  # bench/evaluate.py
 from PIL import Image
 
 from pipelines.data.dataset import decode_image
-from pipelines.inference.evaluate import InferenceSettings, predict_batch
+from pipelines.inference.core import InferenceSettings, predict_batch
 from pipelines.inference.predict import PredictConfig, predict
 from pipelines.report import format_table, palette_png
 from pipelines.runtime import ensure_ray

@@ -81,7 +81,7 @@ def baseline_app(folder: str, crf: bool):
     """The plain FastAPI app a user would write: one process, the model in memory, the same work."""
     from fastapi import FastAPI, Request, Response
 
-    from pipelines.inference.evaluate import InferenceSettings, predict_batch
+    from pipelines.inference.core import InferenceSettings, predict_batch
     from pipelines.report import palette_png
     from pipelines.serve.uploads import decode_upload
     from segmodels.artifact import load_model_dir

@@ -39,7 +39,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         """uint8 N,H,W,3 of one size -> uint8 N,H,W class indices."""
         import torch
 
-        from pipelines.inference.evaluate import predict_batch
+        from pipelines.inference.core import predict_batch
 
         out = [
             predict_batch(self.model, images[i : i + CHUNK], settings).argmax(1).to(torch.uint8)
@@ -48,7 +48,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         return torch.cat(out).cpu().numpy()
 
     def predict(self, context, model_input, params=None):
-        from pipelines.inference.evaluate import InferenceSettings
+        from pipelines.inference.core import InferenceSettings
 
         params = params or {}
         settings = InferenceSettings(

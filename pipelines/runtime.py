@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+
+from pipelines.errors import UserError
 
 VERBOSE_ENV = "SEGPIPE_VERBOSE"
 
@@ -110,6 +113,72 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def largest_node_memory() -> int:
+    """Bytes of Ray's `memory` resource on the largest alive node: the most one task can reserve."""
+    import ray
+
+    return int(max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0))
+
+
+@dataclass(frozen=True)
+class ModelActors:
+    """Where the model-holding actors of evaluate, predict and ensemble scoring run, and how many fit."""
+
+    num_gpus: float  # per actor; 0 = on CPUs
+    slots: int  # actors the cluster runs at once
+    cpus: int  # CPUs of the cluster
+
+    @property
+    def device(self) -> str:
+        """Where each actor loads its model."""
+        return "cuda" if self.num_gpus else "cpu"
+
+    @property
+    def options(self) -> dict[str, float]:
+        """One actor's Ray resources, as `map_batches` keyword arguments."""
+        return {"num_cpus": 1, "num_gpus": self.num_gpus} if self.num_gpus else {"num_cpus": 1}
+
+    def pool(self, items: int, per_actor: int, concurrency: int = 0) -> int:
+        """Actors for `items` (`concurrency` when the user chose), see `pool_size`."""
+        return concurrency or pool_size(self.slots, items, per_actor)
+
+    def threads(self, actors: int) -> int:
+        """Torch threads per actor: one beside a GPU; on CPUs the cluster's cores shared by the actors."""
+        return 1 if self.num_gpus else max(1, self.cpus // actors)
+
+
+def model_actors(num_gpus: float | None = None, option: str = "--num-gpus") -> ModelActors:
+    """The one rule for model actors: GPUs per actor as asked (a fraction shares a GPU, 0 = CPUs), or,
+    when not asked (None), one GPU each if the cluster has GPUs, else CPUs.
+
+    Checked against the cluster now, so a wrong `option` fails before any work starts. On CPUs one core
+    is left to the read/decode/write tasks, which would otherwise never be scheduled; a fixed pool of that
+    size, each actor's torch threads using the cores it holds (a pool left to grow from one actor stayed
+    at one, on a single core).
+    """
+    gpus, cpus = cluster_gpus(), cluster_cpus()
+    if num_gpus is None:
+        num_gpus = min(1.0, gpus)
+    if num_gpus < 0 or (num_gpus > 1 and not float(num_gpus).is_integer()):
+        raise UserError(
+            f"{option} {num_gpus:g}: give 0 (CPUs), a fraction of one GPU such as 0.25, or a whole number"
+        )
+    if num_gpus > gpus:
+        raise UserError(
+            f"{option} {num_gpus:g} but the Ray cluster has {gpus:g} GPUs: add GPU nodes, lower {option}, "
+            f"or pass {option} 0 to run on CPUs"
+        )
+    spare = max(1, cpus - 1)
+    slots = min(spare, max(1, int(gpus / num_gpus + 1e-9))) if num_gpus else spare
+    return ModelActors(num_gpus=float(num_gpus), slots=slots, cpus=cpus)
 
 
 def pool_size(workers: int, items: int, per_actor: int) -> int:

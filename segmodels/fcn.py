@@ -32,6 +32,8 @@ class FCN(SegmentationModel):
 
     backbone_children = ("features", "fc6", "fc7")
     imagenet_source = "vgg16"
+    # conv1_1's padding on each side, so every input size works; inference counts it in its pixel budget.
+    input_padding = 100
 
     def __init__(
         self,
@@ -48,7 +50,7 @@ class FCN(SegmentationModel):
         self.fixed_upsampling, self.at_once = fixed_upsampling, at_once
         self.pool4_scale, self.pool3_scale = (0.01, 1e-4) if at_once else (1.0, 1.0)
         ceil_pools = [nn.MaxPool2d(2, 2, ceil_mode=True) for _ in range(5)]
-        self.features = VGG16Features(width, pools=ceil_pools, first_padding=100)
+        self.features = VGG16Features(width, pools=ceil_pools, first_padding=self.input_padding)
         fc = scaled(4096, width)
         self.fc6 = fc_block(self.features.out_channels, fc, 7)
         self.fc7 = fc_block(fc, fc, 1)

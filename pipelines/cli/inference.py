@@ -33,8 +33,18 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_num_gpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--num-gpus",
+        type=float,
+        metavar="N",
+        help="GPUs per model actor, a fraction such as 0.25 shares one; 0 runs on CPUs "
+        "(default: 1 when the Ray cluster has GPUs, else 0)",
+    )
+
+
 def _inference_settings(args: argparse.Namespace):
-    from pipelines.inference.evaluate import InferenceSettings
+    from pipelines.inference.core import InferenceSettings
 
     try:
         scales = tuple(float(s) for s in args.tta.split(",")) if args.tta else (1.0,)
@@ -70,6 +80,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="val", help="split to score (default: val)")
     _add_inference_options(p)
     p.add_argument("--max-images", type=int, default=0, help="score only the first N images (default: all)")
+    _add_num_gpus(p)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument(
         "--json-out", help="write {metrics: {miou, pixel_acc, mean_acc, fwiou, per_class_iou}} here"
@@ -88,6 +99,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
             settings=_inference_settings(args),
             tracking_uri=args.tracking_uri or "",
             max_images=args.max_images,
+            num_gpus=args.num_gpus,
         )
     )
     print_evaluation(result)
@@ -116,11 +128,19 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--format", default="png", choices=["png", "overlay", "parquet", "voc", "cityscapes"])
     _add_inference_options(p)
-    p.add_argument("--batch-size", type=int, default=4, help="images per model call (default: 4)")
     p.add_argument(
-        "--concurrency", type=int, default=0, help="model actors (default: one per GPU, or per CPU but one)"
+        "--batch-size",
+        type=int,
+        default=4,
+        help="images per model call, fewer where they would pass 4 Mpx in one forward (default: 4)",
     )
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor (default: 0, CPU)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="model actors (default: as many as the cluster holds: per GPU, or per CPU but one)",
+    )
+    _add_num_gpus(p)
     p.add_argument(
         "--max-pixels",
         type=int,

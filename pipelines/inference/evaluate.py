@@ -1,176 +1,61 @@
 """Evaluation stage: whole / sliding-window / multi-scale+flip inference and optional dense CRF on a split.
 
-Images are scored in parallel by a pool of Ray Data actors, each holding the model once; every image
-contributes a confusion matrix and the driver sums them, so the metrics are exactly the FCN paper's over
-the whole split. `predict_image` is the single definition of "run the model on one image" that the
-ensemble search and the serving endpoint reuse.
+Images are scored in parallel by a pool of Ray Data actors, each holding the model once, on a GPU when
+the cluster has them (`--num-gpus`, `pipelines.runtime.model_actors`); the argmax and each image's
+confusion counts are computed on the actor's device and only the confusion matrix leaves it. The driver
+sums them, so the metrics are exactly the FCN paper's over the whole split. How a model turns an image
+into labels is the inference core's (`pipelines.inference.core`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipelines.errors import UserError
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """How to turn one image into class probabilities."""
-
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    slide: tuple[int, int] | None = None  # (crop, stride) in pixels
-    crf: bool = False
-    crf_params: dict[str, float] = field(default_factory=dict)  # overrides of the model's / DeepLab's
-    # DeconvNet's instance-wise inference: image_id -> proposal boxes (pipelines.inference.proposals); None = off.
-    proposals: dict[str, tuple[tuple[int, int, int, int], ...]] | None = None
-    top_k: int = 50  # proposals per image (the paper's EdgeBoxes top 50)
-
-    def __post_init__(self) -> None:
-        if self.proposals is not None and (self.scales != (1.0,) or self.flip or self.slide):
-            raise UserError(
-                "--instance segments proposals at the network's input size: drop --tta, --flip and --slide"
-            )
-        if not self.scales or any(not s > 0 for s in self.scales):
-            raise UserError(f"--tta scales must be positive numbers, got {self.scales}")
-        if self.slide is not None:
-            crop, stride = self.slide
-            if not 0 < stride <= crop:
-                raise UserError(f"--slide CROP STRIDE needs 0 < STRIDE <= CROP, got {crop} {stride}")
-
-
-def crf_params_for(model, settings: InferenceSettings):
-    """The model's tuned CRF parameters (if any), overridden by explicit settings."""
-    from segmodels.crf import CRFParams
-
-    values = {**(model.spec.crf or {}), **settings.crf_params}
-    try:
-        return CRFParams(**values)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"bad CRF parameters {values}: {err}") from None
-
-
-def predict_batch(model, images: np.ndarray, settings: InferenceSettings, image_ids=None):
-    """uint8 N,H,W,3 images of one size -> float32 N,C,H,W probabilities (torch, on the model's device).
-
-    The network part of `predict_image` (scales, flip, sliding window or proposals; no CRF), for a batch;
-    the serving endpoint runs each ensemble member through it on dynamically batched requests. With
-    `settings.proposals`, `image_ids` names each image's proposals (see `predict_instances`).
-    """
-    import torch
-
-    from segmodels.inference import predict_tta
-
-    device = next(model.ensemble.parameters()).device
-    # Ray hands read-only arrays over; torch wants to own writable memory (copied only when needed).
-    x = model.normalize(torch.from_numpy(np.require(images, requirements=("C", "W"))).to(device))
-    if settings.proposals is not None:
-        return torch.stack(
-            [
-                predict_instances(model, image[None], settings, i)
-                for image, i in zip(x, image_ids, strict=True)
-            ]
-        )
-    if model.spec.input_scale != 1.0:
-        scales = tuple(s * model.spec.input_scale for s in settings.scales)
-    else:
-        scales = settings.scales
-    crop, stride = settings.slide if settings.slide else (None, None)
-    with torch.no_grad():
-        return predict_tta(
-            model.ensemble,
-            x,
-            scales=scales,
-            flip=settings.flip,
-            mode="slide" if settings.slide else "whole",
-            crop=crop,
-            stride=stride,
-        ).float()
-
-
-def predict_instances(model, x, settings: InferenceSettings, image_id: str):
-    """Normalised 1,3,H,W image -> C,H,W probabilities, DeconvNet members run instance-wise.
-
-    DeconvNet members segment the image's proposals (`segmodels.instance`, section 4.1) and every other
-    member (FCN-8s in EDeconvNet) the whole image; the members' maps are averaged with the ensemble's
-    weights, as EDeconvNet does (section 4.2).
-    """
-    from pipelines.inference.proposals import clip_boxes
-    from segmodels.ensemble import combine_probs
-    from segmodels.inference import predict_whole
-    from segmodels.instance import instance_wise_predict
-
-    boxes = clip_boxes(settings.proposals.get(image_id, ()), *x.shape[-2:])
-    members = zip(model.spec.members, model.ensemble.members, strict=True)
-    maps = (
-        instance_wise_predict(net, x, boxes, top_k=settings.top_k)
-        if spec.arch == "deconvnet"
-        else predict_whole(net, x)[0]
-        for spec, net in members
-    )
-    return combine_probs(maps, model.ensemble.weights).float()
-
-
-def predict_image(model, image: np.ndarray, settings: InferenceSettings, image_id: str = "") -> np.ndarray:
-    """uint8 H,W,3 image -> float32 C,H,W class probabilities with the model's TTA/slide/CRF settings."""
-    from segmodels.crf import dense_crf
-
-    probs = predict_batch(model, image[None], settings, [image_id])[0].cpu().numpy()
-    if settings.crf:
-        probs = dense_crf(image, probs, crf_params_for(model, settings))
-    return probs
-
-
-def model_payload(folder: Path) -> dict[str, bytes]:
-    """A model folder's files as bytes, so Ray actors on any node can rebuild it from the object store."""
-    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
-
-
-def materialize(payload: dict[str, bytes]) -> Path:
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="segpipe-model-"))
-    for name, data in payload.items():
-        (folder / Path(name).name).write_bytes(data)
-    return folder
-
+from pipelines.inference.core import InferenceSettings
+from pipelines.runtime import ModelActors
 
 SCORE_PER_ACTOR = 8  # val images per scoring actor at least (a small split is scored by fewer actors)
 
 
 class ScoreImages:
-    """Ray Data actor: loads the model once, returns one flattened confusion matrix per image."""
+    """Ray Data actor: loads the model once (on `device`), returns one flattened confusion matrix per image."""
 
-    def __init__(self, payload_ref, settings: InferenceSettings, num_classes: int):
+    def __init__(self, payload_ref, settings: InferenceSettings, num_classes: int, device: str, threads: int):
         import ray
         import torch
 
+        from pipelines.inference.core import materialize
         from segmodels.artifact import load_model_dir
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         # The ref travels inside a list so Ray hands it over unresolved; fetched once per actor.
-        self.model = load_model_dir(materialize(ray.get(payload_ref[0])))
+        self.model = load_model_dir(materialize(ray.get(payload_ref[0])), device=device)
         self.settings = settings
         self.num_classes = num_classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         from pipelines.data.dataset import decode_image, decode_mask
+        from pipelines.inference.core import predict_labels
+        from segmodels.metrics import ConfusionMatrix
 
         rows = []
         for image_id, img_bytes, mask_bytes in zip(
             batch["image_id"], batch["image"], batch["mask"], strict=True
         ):
-            image, truth = decode_image(img_bytes), decode_mask(mask_bytes)
-            pred = predict_image(self.model, image, self.settings, str(image_id)).argmax(0)
-            valid = truth != 255
-            index = truth[valid].astype(np.int64) * self.num_classes + pred[valid]
-            rows.append(np.bincount(index, minlength=self.num_classes**2))
+            image, truth = decode_image(img_bytes), torch.from_numpy(decode_mask(mask_bytes))
+            labels = predict_labels(self.model, image, self.settings, str(image_id))
+            cm = ConfusionMatrix(self.num_classes)
+            cm.update(labels[None], truth[None])  # bincount on the labels' device; C x C counts come back
+            rows.append(cm.matrix.reshape(-1).numpy())
         return {"image_id": batch["image_id"], "confusion": np.stack(rows)}
 
 
@@ -182,7 +67,8 @@ class EvalConfig:
     settings: InferenceSettings = InferenceSettings()
     tracking_uri: str = ""
     max_images: int = 0  # 0 = the whole split
-    concurrency: int = 0  # scoring actors; 0 = one per CPU of the cluster
+    concurrency: int = 0  # scoring actors; 0 = as many as the cluster holds (`model_actors`)
+    num_gpus: float | None = None  # per actor; None = one each when the cluster has GPUs, else CPUs
 
 
 def metrics_json(scores: dict[str, Any], classes: list[str]) -> dict[str, Any]:
@@ -208,15 +94,19 @@ def score_split(
     *,
     max_images: int = 0,
     concurrency: int = 0,
+    actors: ModelActors | None = None,
 ):
-    """Confusion matrix of the model folder on `split`, scored by a pool of Ray actors."""
+    """Confusion matrix of the model folder on `split`, scored by a pool of Ray actors (`model_actors()`
+    unless given)."""
     import ray
     import torch
 
-    from pipelines.runtime import ensure_ray, pool_size
+    from pipelines.inference.core import model_payload
+    from pipelines.runtime import ensure_ray, model_actors
     from segmodels.metrics import ConfusionMatrix
 
     ensure_ray()
+    actors = actors or model_actors()
     if split not in data.manifest.splits:
         raise UserError(f"dataset has no split {split!r}; it has {', '.join(data.manifest.splits)}")
     ds = data.split(split)
@@ -228,8 +118,7 @@ def score_split(
 
         ids = ds.select_columns([IMAGE_ID]).to_pandas()[IMAGE_ID]
         check_covered(settings.proposals, ids, "proposals file")
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = concurrency or pool_size(cpus, data.rows(split, max_images), SCORE_PER_ACTOR)
+    workers = actors.pool(data.rows(split, max_images), SCORE_PER_ACTOR, concurrency)
     payload_ref = [ray.put(model_payload(model_folder))]
     scored = ds.map_batches(
         ScoreImages,
@@ -237,11 +126,13 @@ def score_split(
             "payload_ref": payload_ref,
             "settings": settings,
             "num_classes": data.num_classes,
+            "device": actors.device,
+            "threads": actors.threads(workers),
         },
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
-        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        **actors.options,
     )
     cm = ConfusionMatrix(data.num_classes)
     images = 0
@@ -255,9 +146,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Score a model on a prepared split; logs `eval_*` metrics to the run when the URI is `runs:/...`."""
     from pipelines import tracking
     from pipelines.data.dataset import open_prepared
+    from pipelines.runtime import ensure_ray, model_actors
     from segmodels.artifact import read_spec
 
     data = open_prepared(cfg.data)
+    ensure_ray()
+    actors = model_actors(cfg.num_gpus)  # a wrong --num-gpus fails before the download
     folder = tracking.download_model(cfg.model_uri, cfg.tracking_uri)
     spec = read_spec(folder)
     if list(spec.classes) != list(data.classes):
@@ -268,7 +162,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         )
     started = time.perf_counter()
     cm, images = score_split(
-        folder, data, cfg.split, cfg.settings, max_images=cfg.max_images, concurrency=cfg.concurrency
+        folder,
+        data,
+        cfg.split,
+        cfg.settings,
+        max_images=cfg.max_images,
+        concurrency=cfg.concurrency,
+        actors=actors,
     )
     seconds = time.perf_counter() - started
     result = {

@@ -1,8 +1,9 @@
 """Batch inference stage: segment a folder, an s3:// prefix or a prepared split, and write the masks.
 
 Ray Data streams the images: read bytes -> decode (CPU tasks) -> model (an actor pool, the model loaded once
-per actor, GPU when asked, same-size images batched) -> dense CRF (CPU tasks, when asked) -> encode and
-write (CPU tasks). Blocks move on as soon as they are ready, so memory stays bounded however many images
+per actor, on GPUs when the cluster has them, same-size images batched within a pixel budget; uint8 labels,
+or float16 probabilities for the CRF, leave it) -> dense CRF (one Ray task per image holding a whole CPU and
+the memory its CRF needs, when asked) -> encode and write (CPU tasks). Blocks move on as soon as they are ready, so memory stays bounded however many images
 there are. Unreadable or oversized inputs are listed in DST/quarantine.jsonl with the reason and the rest
 is written; an input whose output already exists is skipped, so a re-run resumes.
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.errors import UserError
-from pipelines.inference.evaluate import InferenceSettings
+from pipelines.inference.core import InferenceSettings
 from pipelines.inference.proposals import check_covered
 
 FORMATS = ("png", "overlay", "parquet", "voc", "cityscapes")
@@ -45,9 +46,9 @@ class PredictConfig:
     out: str  # folder or s3:// prefix
     format: str = "png"
     settings: InferenceSettings = InferenceSettings()
-    batch_size: int = 4  # images per model call (same-size images share a forward pass)
-    concurrency: int = 0  # model actors; 0 = one per GPU with --num-gpus, else one per CPU but one
-    num_gpus: float = 0.0  # GPUs per model actor
+    batch_size: int = 4  # images per model call (same-size images share a forward pass, within PIXEL_BUDGET)
+    concurrency: int = 0  # model actors; 0 = as many as the cluster holds (`model_actors`)
+    num_gpus: float | None = None  # per model actor; None = one each when the cluster has GPUs, else CPUs
     max_pixels: int = 50_000_000  # larger inputs are quarantined, not decoded
     max_bytes: int = 100 << 20  # larger files are quarantined, not read
     tracking_uri: str = ""
@@ -55,8 +56,8 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise UserError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.batch_size < 1 or self.concurrency < 0 or self.num_gpus < 0:
-            raise UserError("--batch-size must be >= 1, --concurrency and --num-gpus >= 0")
+        if self.batch_size < 1 or self.concurrency < 0:
+            raise UserError("--batch-size must be >= 1 and --concurrency >= 0")
 
 
 def target_for(image_id: str, fmt: str) -> str:
@@ -145,7 +146,7 @@ def ragged(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 class Segmenter:
-    """Ray Data actor: the model loaded once; class probabilities (for the CRF stage) or masks per image."""
+    """Ray Data actor: the model loaded once; uint8 masks, or float16 class probabilities for the CRF stage."""
 
     def __init__(
         self,
@@ -159,7 +160,7 @@ class Segmenter:
         import ray
         import torch
 
-        from pipelines.inference.evaluate import materialize
+        from pipelines.inference.core import materialize
         from segmodels.artifact import load_model_dir
 
         torch.set_num_threads(threads)
@@ -170,18 +171,17 @@ class Segmenter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from pipelines.inference.evaluate import predict_batch
+        from pipelines.inference.core import forward_batches, predict_batch
 
         images, errors = batch["image"], batch["error"]
         results: list[Any] = [np.zeros((1, 1), np.uint8)] * len(images)
-        by_size: dict[tuple, list[int]] = {}
-        for i, image in enumerate(images):
-            if not errors[i]:
-                by_size.setdefault(image.shape, []).append(i)
-        for indexes in by_size.values():
+        readable = [i for i in range(len(images)) if not errors[i]]
+        for group in forward_batches(self.model, [images[i].shape for i in readable], self.settings):
+            indexes = [readable[g] for g in group]
             ids = [str(batch["image_id"][i]) for i in indexes]
             probs = predict_batch(self.model, np.stack([images[i] for i in indexes]), self.settings, ids)
-            out = probs if self.probs else probs.argmax(1).to(torch.uint8)
+            # Half the bytes of float32 through the object store; the CRF's unary is -log(p) of them.
+            out = probs.half() if self.probs else probs.max(1).indices.to(torch.uint8)
             for i, result in zip(indexes, out.cpu().numpy(), strict=True):
                 results[i] = result
         rest = (
@@ -190,15 +190,43 @@ class Segmenter:
         return {**rest, "probs" if self.probs else "mask": ragged(results)}
 
 
-def crf_batch(batch: dict[str, np.ndarray], params) -> dict[str, np.ndarray]:
-    """Dense CRF on each image's probabilities -> masks (DeepLab's mean field, the model's parameters)."""
+def crf_mask(image: np.ndarray, probs: np.ndarray, params) -> np.ndarray:
+    """Dense CRF (DeepLab's mean field, the model's parameters) on float16 C,H,W probabilities -> uint8 H,W."""
     from segmodels.crf import dense_crf
 
-    masks = [
-        np.zeros((1, 1), np.uint8) if error else dense_crf(image, probs, params).argmax(0).astype(np.uint8)
-        for image, probs, error in zip(batch["image"], batch["probs"], batch["error"], strict=True)
-    ]
-    return {**without(batch, "probs"), "mask": ragged(masks)}
+    return dense_crf(image, probs, params).argmax(0).astype(np.uint8)
+
+
+def crf_batch(batch: dict[str, np.ndarray], params, memory_limit: int) -> dict[str, np.ndarray]:
+    """Masks from each image's probabilities, one Ray task per image.
+
+    Each task holds a whole CPU (pydensecrf is single-threaded C++ that holds the GIL) and reserves the
+    memory the CRF of that image needs (`crf_memory_bytes` of its H x W x C: 3.7 GB for a 2048x1024 image
+    of 19 classes), which one reservation for the whole stage could not do for images of every size. An
+    image whose CRF needs more than the largest node has is quarantined instead of waiting forever.
+    """
+    import ray
+
+    from segmodels.crf import crf_memory_bytes
+
+    refine = ray.remote(crf_mask)
+    masks: list[Any] = [np.zeros((1, 1), np.uint8)] * len(batch["probs"])
+    errors = [str(e) for e in batch["error"]]
+    pending = {}
+    for i, (image, probs) in enumerate(zip(batch["image"], batch["probs"], strict=True)):
+        if errors[i]:
+            continue
+        need = crf_memory_bytes(image.shape[0], image.shape[1], probs.shape[0])
+        if need > memory_limit:
+            errors[i] = (
+                f"oversized for --crf: its dense CRF needs {need / 2**30:.1f} GiB, more than the "
+                f"{memory_limit / 2**30:.1f} GiB of the largest node; predict it without --crf"
+            )
+            continue
+        pending[i] = refine.options(num_cpus=1, memory=need).remote(image, probs, params)
+    for i, ref in pending.items():
+        masks[i] = ray.get(ref)
+    return {**without(batch, "probs", "error"), "mask": ragged(masks), "error": np.array(errors)}
 
 
 def encode_output(fmt: str, image: np.ndarray, mask: np.ndarray, palette) -> bytes:
@@ -342,30 +370,22 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     import ray
 
     from pipelines import tracking
-    from pipelines.inference.evaluate import crf_params_for, model_payload
-    from pipelines.runtime import cluster_gpus, ensure_ray
-    from segmodels.artifact import load_model_dir, read_spec
+    from pipelines.inference.core import crf_params, model_payload
+    from pipelines.runtime import ensure_ray, largest_node_memory, model_actors
+    from segmodels.artifact import read_spec
 
+    ensure_ray()
+    model = model_actors(cfg.num_gpus)  # a wrong --num-gpus fails before the download
     folder = tracking.download_model(cfg.model_uri, cfg.tracking_uri)
     spec = read_spec(folder)
     check_format(spec, cfg.format)
-    ensure_ray()
-    if cfg.num_gpus and cluster_gpus() < cfg.num_gpus:
-        raise UserError(
-            f"--num-gpus {cfg.num_gpus} but the Ray cluster has {cluster_gpus()} GPUs: add GPU nodes or drop --num-gpus"
-        )
+    params = crf_params(spec.crf, cfg.settings.crf_params) if cfg.settings.crf else None
     started = time.perf_counter()
     ds, quarantined, skipped = read_source(cfg, existing_outputs(cfg.out, cfg.format))
     written = 0
     if ds is not None:
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        if cfg.num_gpus:
-            actors = cfg.concurrency or max(1, int(cluster_gpus() / cfg.num_gpus))
-        else:
-            # One CPU is left to the decode/CRF/write tasks, which would otherwise never be scheduled.
-            actors = cfg.concurrency or max(1, cpus - 1)
-        threads = 1 if cfg.num_gpus else max(1, cpus // actors)
-        light = {"num_cpus": 0.5}  # decode, CRF and write tasks: mostly I/O and C code, half a CPU each
+        actors = cfg.concurrency or model.slots
+        light = {"num_cpus": 0.5}  # decode and write tasks: mostly I/O and C code, half a CPU each
         ds = ds.map_batches(
             decode_batch, fn_kwargs={"max_pixels": cfg.max_pixels}, batch_format="numpy", **light
         )
@@ -374,20 +394,24 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
             fn_constructor_kwargs={
                 "payload_ref": [ray.put(model_payload(folder))],
                 "settings": cfg.settings,
-                "threads": threads,
-                "device": "cuda" if cfg.num_gpus else "cpu",
+                "threads": model.threads(actors),
+                "device": model.device,
                 "probs": cfg.settings.crf,
                 "keep_image": cfg.settings.crf or cfg.format == "overlay",
             },
             batch_size=cfg.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=0.5 if cfg.num_gpus else 1,
-            num_gpus=cfg.num_gpus,
+            **model.options,
         )
         if cfg.settings.crf:
-            params = crf_params_for(load_model_dir(folder), cfg.settings)
-            ds = ds.map_batches(crf_batch, fn_kwargs={"params": params}, batch_format="numpy", **light)
+            # Its own CPU is given back while it waits for the per-image CRF tasks it starts.
+            ds = ds.map_batches(
+                crf_batch,
+                fn_kwargs={"params": params, "memory_limit": largest_node_memory()},
+                batch_format="numpy",
+                **light,
+            )
         fs, out_root = storage.filesystem(cfg.out)
         ds = ds.map_batches(
             write_batch,

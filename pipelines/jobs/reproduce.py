@@ -254,7 +254,8 @@ def register_result(client, stage: Stage, output: dict[str, Any], name: str) -> 
 def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     """Run (or resume) a recipe on a prepared dataset; returns the stages, the result and the table."""
     from pipelines.data.dataset import open_prepared
-    from pipelines.inference.evaluate import EvalConfig, InferenceSettings, evaluate
+    from pipelines.inference.core import InferenceSettings
+    from pipelines.inference.evaluate import EvalConfig, evaluate
     from pipelines.jobs.retrain import StepState
     from pipelines.preflight import default_storage
     from pipelines.train.trainer import check_storage

@@ -12,7 +12,8 @@ from typing import Any
 
 from pipelines import tracking
 from pipelines.errors import UserError
-from pipelines.inference.evaluate import EvalConfig, InferenceSettings, evaluate
+from pipelines.inference.core import InferenceSettings
+from pipelines.inference.evaluate import EvalConfig, evaluate
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,10 @@ import time
 from ray import serve
 
 from pipelines.errors import UserError
+from pipelines.inference.core import crf_params
 from pipelines.serve.render import Dense, Reply, render
 
 logger = logging.getLogger("ray.serve")
-
-
-def crf_params(spec_params: dict | None, overrides: dict):
-    """The model's own CRF parameters (`model.json` "crf") with the operator's `user_config` on top."""
-    from segmodels.crf import CRFParams
-
-    return CRFParams(**{**(spec_params or {}), **overrides})
 
 
 @serve.deployment
@@ -45,10 +39,7 @@ class CRFRefiner:
             raise UserError(
                 f"CRFRefiner user_config: unknown key(s) {unknown}; valid: {', '.join(sorted(known))}"
             )
-        try:
-            crf_params(None, config)
-        except (TypeError, ValueError) as err:
-            raise UserError(f"CRFRefiner user_config {config}: {err}") from None
+        crf_params(None, config)  # a bad value raises UserError naming it
         self.overrides = dict(config)
         logger.info("CRF parameter overrides: %s", self.overrides)
 

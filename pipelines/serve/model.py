@@ -149,7 +149,7 @@ class SegmentationModel:
         """
         import torch
 
-        from pipelines.inference.evaluate import InferenceSettings, predict_batch
+        from pipelines.inference.core import InferenceSettings, predict_batch
 
         groups: dict[tuple, list[int]] = {}
         for i, (image, source) in enumerate(zip(images, sources, strict=True)):

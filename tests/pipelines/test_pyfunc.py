@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from pipelines import tracking
-from pipelines.inference.evaluate import InferenceSettings, predict_batch
+from pipelines.inference.core import InferenceSettings, predict_batch
 from segmodels.artifact import load_model_dir, read_spec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,7 +1,8 @@
 """Candidate scoring: every candidate's class probabilities on a split, written as bounded shards.
 
-A pool of Ray Data actors (one GPU each when the cluster has GPUs, else one CPU) holds every candidate
-model once and scores batches of images. Of each image it keeps only what selection and the CRF search
+A pool of Ray Data actors (one GPU each when the cluster has GPUs, else one CPU: `model_actors`) holds
+every candidate model once and scores batches of images, in forward passes bounded by a pixel budget
+(`pipelines.inference.core.forward_batches`). Of each image it keeps only what selection and the CRF search
 need: the candidates' probabilities and the label on the grid of every `stride`-th pixel (the networks'
 output stride: DeepLab, FCN-8s and PSPNet predict at 1/8 of the input, so little is lost) as float16,
 plus the encoded image and mask. One batch becomes one `.npz` shard in the scratch folder (local or
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import storage
-from pipelines.inference.evaluate import InferenceSettings
+from pipelines.inference.core import InferenceSettings
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class ScoreCandidates:
         import ray
         import torch
 
-        from pipelines.inference.evaluate import materialize
+        from pipelines.inference.core import materialize
         from segmodels.artifact import load_model_dir
 
         torch.set_num_threads(threads)
@@ -89,15 +90,15 @@ class ScoreCandidates:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.data.dataset import decode_image, decode_mask
-        from pipelines.inference.evaluate import predict_batch
+        from pipelines.inference.core import forward_batches, predict_batch
 
         images = [decode_image(b) for b in batch["image"]]
         cut = grid_slice(self.stride)
         per_image: list[np.ndarray | None] = [None] * len(images)
-        by_size: dict[tuple[int, ...], list[int]] = {}
-        for index, image in enumerate(images):
-            by_size.setdefault(image.shape, []).append(index)
-        for indices in by_size.values():  # one forward pass per model for the images of one size
+        shapes = [image.shape for image in images]
+        # Images of one size share a forward pass per model, within the pixel budget of the widest padding.
+        passes = max((forward_batches(m, shapes, self.settings) for m in self.models), key=len)
+        for indices in passes:
             stacked = np.stack([images[i] for i in indices])
             probs = np.stack(
                 [
@@ -139,27 +140,25 @@ def score_candidates(
     max_images: int = 0,
     images_per_shard: int = 8,
     concurrency: int = 0,
+    num_gpus: float | None = None,
 ) -> list[Shard]:
-    """Score every candidate model folder on `split` into shards under `out`; shards sorted by first image."""
+    """Score every candidate model folder on `split` into shards under `out`; shards sorted by first image.
+
+    `num_gpus` per actor as `model_actors` takes it (None: one each when the cluster has GPUs); a split
+    of a few shards gets one actor per shard.
+    """
     import ray
     import ray.data
 
-    from pipelines.inference.evaluate import model_payload
-    from pipelines.runtime import cluster_gpus, ensure_ray, pool_size
+    from pipelines.inference.core import model_payload
+    from pipelines.runtime import ensure_ray, model_actors
 
     ensure_ray()
+    actors = model_actors(num_gpus)
     ds = data.split(split)
     if max_images:
         ds = ds.limit(max_images)
-    gpus = cluster_gpus()
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # A fixed pool (as `segpipe predict`): on CPUs one actor per core but one, the last core left to the
-    # read tasks, and the actors' torch threads use the cores they hold, so 2 cores score with 2 threads.
-    # A pool left to grow from one actor stayed at one here, scoring on a single core.
-    # A split of a few shards gets one actor per shard.
-    slots = max(1, int(gpus) if gpus else cpus - 1)
-    workers = concurrency or pool_size(slots, data.rows(split, max_images), images_per_shard)
-    threads = 1 if gpus else max(1, cpus // workers)
+    workers = actors.pool(data.rows(split, max_images), images_per_shard, concurrency)
     payload_refs = [[ray.put(model_payload(f)) for f in folders]]
     scored = ds.map_batches(
         ScoreCandidates,
@@ -167,13 +166,13 @@ def score_candidates(
             "payload_refs": payload_refs,
             "out": out,
             "stride": stride,
-            "device": "cuda" if gpus else "cpu",
-            "threads": threads,
+            "device": actors.device,
+            "threads": actors.threads(workers),
         },
         batch_size=images_per_shard,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
-        **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+        **actors.options,
     )
     shards = [
         Shard(uri=str(row["shard"]), first_id=str(row["first_id"]), images=int(row["images"]))

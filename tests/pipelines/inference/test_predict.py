@@ -1,5 +1,6 @@
-"""`segpipe predict`: every output format, quarantine, resume, s3:// in and out, and the official Cityscapes
-evaluator scoring `--format cityscapes` output exactly as `segpipe evaluate` scores the same split."""
+"""`segpipe predict`: every output format, quarantine, resume, the CRF on float16 probabilities, s3:// in and
+out, the official Cityscapes evaluator scoring `--format cityscapes` output exactly as `segpipe evaluate`
+scores the same split; where model actors run (GPUs, CPUs) and how images are batched into forward passes."""
 
 from __future__ import annotations
 
@@ -13,13 +14,22 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import storage
+from pipelines import runtime, storage
 from pipelines.cli import main
 from pipelines.data.layouts.cityscapes import CITYSCAPES_CLASSES, TRAIN_LABELS
 from pipelines.data.layouts.voc import VOC_CLASSES
-from pipelines.inference.evaluate import InferenceSettings, predict_image
-from pipelines.inference.predict import VOC_RESULTS, PredictConfig, predict
+from pipelines.errors import UserError
+from pipelines.inference.core import (
+    PIXEL_BUDGET,
+    InferenceSettings,
+    crf_params,
+    input_padding,
+    pixel_batches,
+    predict_image,
+)
+from pipelines.inference.predict import VOC_RESULTS, PredictConfig, crf_batch, predict, ragged
 from segmodels.artifact import load_model_dir
+from segmodels.crf import CRFParams, dense_crf
 
 VOC_PALETTE = [[(37 * i) % 256, (91 * i) % 256, (53 * i) % 256] for i in range(21)]
 SIZES = {"a.jpg": (40, 52), "nested/b.png": (40, 52), "nested/deeper/c.png": (33, 61)}
@@ -98,6 +108,74 @@ def test_formats_quarantine_and_resume(ray_session, model_folder, tmp_path, caps
     # The benchmark formats refuse a model of other classes instead of writing meaningless ids.
     assert main([*args[:-1], str(tmp_path / "cs"), "--format", "cityscapes"]) == 2
     assert "needs a model of the 19 cityscapes classes" in capsys.readouterr().err
+
+    # The CRF refines the float16 probabilities the model actors send, one task per image.
+    crf = tmp_path / "crf"
+    assert main([*args[:-1], str(crf), "--crf", "--max-pixels", "5000"]) == 0
+    model = load_model_dir(folder)
+    params = crf_params(model.spec.crf, {})
+    for rel, image in images.items():
+        probs = predict_image(model, image, InferenceSettings()).astype(np.float16)
+        got = np.asarray(Image.open(crf / Path(rel).with_suffix(".png")))
+        np.testing.assert_array_equal(got, dense_crf(image, probs, params).argmax(0))
+
+    # More GPUs than the cluster has: exit 2 naming the option, before any work.
+    assert main([*args[:-1], str(tmp_path / "gpu"), "--num-gpus", "2"]) == 2
+    assert "--num-gpus 2 but the Ray cluster has 0 GPUs" in capsys.readouterr().err
+    assert not (tmp_path / "gpu").exists()
+
+
+def test_an_image_whose_crf_needs_more_than_a_node_has_is_quarantined():
+    batch = {
+        "image": ragged([np.zeros((4, 5, 3), np.uint8)]),
+        "probs": ragged([np.full((2, 4, 5), 0.5, np.float16)]),
+        "error": np.array([""]),
+    }
+    out = crf_batch(batch, CRFParams(), memory_limit=2**20)
+    assert out["error"][0].startswith("oversized for --crf") and "predict it without --crf" in out["error"][0]
+
+
+def test_model_actors_go_on_gpus_when_the_cluster_has_them(monkeypatch):
+    monkeypatch.setattr(runtime, "cluster_cpus", lambda: 16)
+    monkeypatch.setattr(runtime, "cluster_gpus", lambda: 2.0)
+    auto = runtime.model_actors()
+    assert (auto.device, auto.slots, auto.options) == ("cuda", 2, {"num_cpus": 1, "num_gpus": 1.0})
+    shared = runtime.model_actors(0.25)
+    assert (shared.device, shared.slots, shared.options["num_gpus"], shared.threads(8)) == (
+        "cuda",
+        8,
+        0.25,
+        1,
+    )
+    cpu = runtime.model_actors(0)  # CPUs on request: one core left to the read and write tasks
+    assert (cpu.device, cpu.slots, cpu.options, cpu.threads(5)) == ("cpu", 15, {"num_cpus": 1}, 3)
+    with pytest.raises(UserError, match="--num-gpus 1.5: give 0"):
+        runtime.model_actors(1.5)
+    monkeypatch.setattr(runtime, "cluster_gpus", lambda: 0.0)
+    assert runtime.model_actors().device == "cpu"
+    with pytest.raises(UserError, match="--tune-gpus 0.5 but the Ray cluster has 0 GPUs"):
+        runtime.model_actors(0.5, option="--tune-gpus")
+
+
+def test_evaluate_num_gpus_beyond_the_cluster_exits_2(ray_session, prepared_voc, capsys):
+    args = ["evaluate", "--model-uri", "models:/not-fetched/1", "--data", prepared_voc, "--num-gpus", "0.5"]
+    assert main(args) == 2
+    assert "--num-gpus 0.5 but the Ray cluster has 0 GPUs" in capsys.readouterr().err
+
+
+def test_pixel_batches_keep_sizes_apart_and_passes_within_the_budget(model_folder):
+    shapes = [(10, 10, 3), (20, 10, 3), (10, 10, 3), (10, 10, 3), (20, 10, 3)]
+    assert pixel_batches(shapes, budget=10**6) == [[0, 2, 3], [1, 4]]
+    assert pixel_batches(shapes, budget=250) == [[0, 2], [3], [1], [4]]
+    assert pixel_batches(shapes, budget=1) == [[0], [2], [3], [1], [4]]  # over the budget: alone
+    assert pixel_batches(shapes, budget=1800, pad=10) == [[0, 2], [3], [1], [4]]  # 30x30 and 40x30 seen
+    assert pixel_batches(shapes, budget=800, scale=2.0) == [[0, 2], [3], [1], [4]]
+    # With FCN's pad a Cityscapes image is 2.75 Mpx (one per forward pass), a VOC image 0.4 Mpx (nine).
+    assert pixel_batches([(1024, 2048, 3)] * 2, PIXEL_BUDGET, pad=100) == [[0], [1]]
+    assert pixel_batches([(375, 500, 3)] * 12, PIXEL_BUDGET, pad=100) == [list(range(9)), [9, 10, 11]]
+    fcn = load_model_dir(model_folder(VOC_CLASSES, VOC_PALETTE, archs=("fcn8s", "deeplab_largefov")))
+    assert input_padding(fcn) == 100
+    assert input_padding(load_model_dir(model_folder(VOC_CLASSES, VOC_PALETTE, name="other"))) == 0
 
 
 def test_s3_in_and_out(ray_session, model_folder, s3, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 import segmodels
 from pipelines.errors import UserError
-from pipelines.inference.evaluate import InferenceSettings, predict_image
+from pipelines.inference.core import InferenceSettings, predict_image
 from pipelines.inference.proposals import check_covered, clip_boxes, load_proposals
 from pipelines.train.loop import freeze
 from segmodels.artifact import MemberSpec, ModelSpec, load_model_dir, save_model_dir

@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.errors import UserError
-from pipelines.inference.evaluate import EvalConfig, InferenceSettings, evaluate
+from pipelines.inference.core import InferenceSettings
+from pipelines.inference.evaluate import EvalConfig, evaluate
 from pipelines.select.ensemble import EnsembleConfig, build_ensemble
 from pipelines.select.promote import PromoteConfig, promote
 from pipelines.train.tune import parse_search, tune_search

@@ -36,7 +36,7 @@ import segmodels
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.errors import UserError
-from pipelines.inference.evaluate import InferenceSettings, predict_image
+from pipelines.inference.core import InferenceSettings, predict_image
 from pipelines.serve import (
     APP_NAME,
     CRFRefiner,

@@ -719,7 +719,7 @@ def test_imported_model_registers(tmp_path, mlflow_uri) -> None:
 
 def test_imported_model_predicts_through_the_evaluate_path(tmp_path, images) -> None:
     """evaluate / serve's `predict_batch` (uint8 in, probabilities out) applies the release's convention."""
-    from pipelines.inference.evaluate import InferenceSettings, predict_batch
+    from pipelines.inference.core import InferenceSettings, predict_batch
 
     blobs = fcn_blobs(32, at_once=False)
     path = tmp_path / "fcn32s-heavy-pascal.caffemodel"
