@@ -1,6 +1,7 @@
 """Benchmark: `segpipe train` (Ray Train, one worker, fed by Ray Data) against the loop a user would write instead.
 
     .venv/bin/python bench/train.py [--model unet] [--width 0.25] [--crop 128] [--batch-size 8] [--epochs 4]
+                                    [--device cuda]
 
 Writes a synthetic VOC dataset, prepares it to parquet, then, in the same run, on the same model, data,
 batch, optimiser and training step (`pipelines.train.loop.train_one_epoch`), each with one compute thread:
@@ -11,7 +12,8 @@ batch, optimiser and training step (`pipelines.train.loop.train_one_epoch`), eac
   the same parquet rows with the same function, feeding the same step;
 - pre-loaded tensors: every batch decoded and augmented beforehand, so only the step is timed.
 Reports images/s of the three, segpipe / plain (target >= 0.95) and segpipe / pre-loaded (the data-stall
-ratio); `--json-out` saves the figures.
+ratio); `--json-out` saves the figures. `--device cuda` runs all three on one GPU (segpipe with `use_gpu`),
+in bf16 with channels_last, the step the GPU check (`bench/gpu_check.sh`) compares.
 """
 
 from __future__ import annotations
@@ -57,12 +59,14 @@ class ParquetRows(torch.utils.data.Dataset):
         return {"image": img, "mask": msk}
 
 
-def timed_epochs(cfg: TrainConfig, batches_per_epoch, epochs: int) -> list[float]:
-    """images/s of `train_one_epoch` for each epoch (one thread, CPU), on fresh batches from the callable."""
+def timed_epochs(cfg: TrainConfig, batches_per_epoch, epochs: int, device: torch.device) -> list[float]:
+    """images/s of `train_one_epoch` for each epoch on `device`, on fresh batches from the callable."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, 21, **cfg.model_args)
+    model = build_model(cfg.model, 21, **cfg.model_args).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
     rates, iteration = [], 0
     for _ in range(epochs):
         started = time.perf_counter()
@@ -72,10 +76,12 @@ def timed_epochs(cfg: TrainConfig, batches_per_epoch, epochs: int) -> list[float
             scaler,
             batches_per_epoch(),
             cfg,
-            torch.device("cpu"),
+            device,
             iteration=iteration,
             iters_per_epoch=10**6,
         )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         rates.append(images / (time.perf_counter() - started))
     return rates
 
@@ -92,6 +98,7 @@ def main() -> None:
         "--epochs", type=int, default=4, help="epochs of each; the first is warm-up (default: 4)"
     )
     parser.add_argument("--num-train", type=int, default=96)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: one GPU, bf16")
     parser.add_argument("--workdir", default="bench/out/train")
     parser.add_argument("--json-out", default="bench/out/train.json")
     args = parser.parse_args()
@@ -108,6 +115,8 @@ def main() -> None:
     ensure_ray(num_cpus=os.cpu_count())
     prepare(PrepareConfig("voc", str(src), str(work / "prepared"), progress=False))
 
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
     model_args = {"width": args.width, **({"padding": "same"} if args.model == "unet" else {})}
     cfg = TrainConfig(
         model=args.model,
@@ -121,6 +130,9 @@ def main() -> None:
         momentum=0.9,
         num_workers=1,
         cpus_per_worker=1,
+        use_gpu=gpu,
+        amp="bf16" if gpu else "off",
+        channels_last=gpu,
         num_overlays=0,
         storage=str(work / "ray"),
         tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
@@ -136,20 +148,30 @@ def main() -> None:
     segpipe_rates = [m.value for m in sorted(history, key=lambda m: m.step)]
     ray.shutdown()
 
-    torch.set_num_threads(1)  # as the Ray Train worker (cpus_per_worker=1)
+    if not gpu:
+        torch.set_num_threads(1)  # as the Ray Train worker (cpus_per_worker=1)
     rows = ParquetRows(open_prepared(cfg.data), params)
     loader = torch.utils.data.DataLoader(
-        rows, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=2, persistent_workers=True
+        rows,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        # CPU: 2 loader processes beside the 1-thread step, as on a 2-core machine; GPU: every core but the
+        # step's, the cores Ray Data gets on the segpipe side.
+        num_workers=max(2, (os.cpu_count() or 2) - 1) if gpu else 2,
+        persistent_workers=True,
+        pin_memory=gpu,
     )
-    plain_rates = timed_epochs(cfg, lambda: iter(loader), args.epochs)
+    plain_rates = timed_epochs(cfg, lambda: iter(loader), args.epochs, device)
     preloaded = [batch for batch in loader]
-    preloaded_rates = timed_epochs(cfg, lambda: iter(preloaded), args.epochs)
+    preloaded_rates = timed_epochs(cfg, lambda: iter(preloaded), args.epochs, device)
 
     def steady(rates: list[float]) -> float:
         return statistics.median(rates[1:]) if len(rates) > 1 else rates[0]
 
     figures = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
         "model": f"{args.model} {model_args}",
         "crop": args.crop,
         "batch_size": args.batch_size,
@@ -172,7 +194,7 @@ def main() -> None:
     )
     print(
         f"\n{figures['model']}, crop {args.crop}, batch {args.batch_size}, {args.num_train} images/epoch, "
-        f"on {figures['machine']} (median of epochs 2..{args.epochs}; one compute thread each):\n"
+        f"on {figures['machine']}, {figures['device']} (median of epochs 2..{args.epochs}):\n"
         f"  segpipe train (Ray Train + Ray Data): {figures['segpipe_images_per_s']:7.2f} images/s\n"
         f"  plain loop (DataLoader, 2 workers)  : {figures['plain_loop_images_per_s']:7.2f} images/s\n"
         f"  pre-loaded tensors                  : {figures['preloaded_images_per_s']:7.2f} images/s\n"
