@@ -49,19 +49,30 @@ class TrainConfig:
     lr_policy: str = "poly"  # poly | step | fixed
     poly_power: float = 0.9
     step_epochs: int = 30
+    step_iters: int = 0  # > 0: the step policy's stepsize in optimiser steps (Caffe's stepsize), not epochs
     step_gamma: float = 0.1
-    head_lr_mult: float = 1.0  # the papers' higher LR for new layers (e.g. DeepLab fc8 x10)
-    bias_lr_mult: float = 1.0  # Caffe-era recipes train biases at 2x
+    # Per-layer rules as the reference prototxts' lr_mult / decay_mult (see `train.loop.build_optimizer`).
+    head_lr_mult: float = 1.0  # new layers (the model's "head" group), e.g. DeepLab fc8 x10
+    bias_lr_mult: float = 1.0  # conv/linear biases; the Caffe recipes' lr_mult 2
+    bias_decay_mult: float = 0.0  # weight decay on biases; the Caffe recipes' decay_mult 0
+    norm_decay_mult: float = 0.0  # weight decay on norm-layer scales and shifts (DeconvNet's BN, PSPNet: 1)
     warmup_epochs: int = 0
-    epochs: int = 30
+    # Schedule length: `epochs` (passes over the train split) or `max_iters` (optimiser steps, the papers'
+    # unit; epochs are then derived from the split size). Neither: DEFAULT_EPOCHS.
+    epochs: int | None = None
+    max_iters: int | None = None
+    # Images per optimiser step over ALL workers: each worker runs iter_size micro-batches of
+    # batch_size / (num_workers x iter_size) images and accumulates their gradients (Caffe's iter_size).
     batch_size: int = 8
+    iter_size: int = 1
     aux_weight: float = 0.4
     pixel_weight: str = "none"  # none | unet (U-Net border weight map, w0=10, sigma=5)
     loss_border: int = 0  # crop pixels per side left out of the loss (U-Net overlap-tile training: 92)
     loss_reduction: str = "mean"  # mean | sum: the FCN reference's unnormalised loss (with its lr ~1e-10)
-    freeze: tuple[
-        str, ...
-    ] = ()  # parameter-name prefixes left untrained (Dilation's context stage: front end)
+    # Parameter-name prefixes left untrained (Dilation's context stage: the front end), or the only ones
+    # trained (DeepLab-MSc: the new branches); frozen modules run in eval mode (no dropout, fixed BN).
+    freeze: tuple[str, ...] = ()
+    train_only: tuple[str, ...] = ()
     # Augmentation (applied in Ray Data map_batches, per epoch).
     crop: int = 321
     crop_mode: str = "random"  # random | object | proposal: DeconvNet's two training stages (sec. 4.2)
@@ -106,10 +117,32 @@ class TrainConfig:
                 raise UserError(
                     f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}"
                 )
-        positive = ("lr", "epochs", "batch_size", "crop", "num_workers", "val_batch_size", "cpus_per_worker")
+        positive = [
+            "lr",
+            "batch_size",
+            "iter_size",
+            "crop",
+            "num_workers",
+            "val_batch_size",
+            "cpus_per_worker",
+        ]
+        positive += [name for name in ("epochs", "max_iters") if getattr(self, name) is not None]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        parts = self.num_workers * self.iter_size
+        if self.batch_size % parts:
+            fits = max(parts, round(self.batch_size / parts) * parts)
+            raise UserError(
+                f"batch_size={self.batch_size} (images per step over all workers) does not split into "
+                f"num_workers={self.num_workers} x iter_size={self.iter_size} equal micro-batches; use "
+                f"batch_size {fits}, or a num_workers x iter_size that divides {self.batch_size}"
+            )
+        if self.freeze and self.train_only:
+            raise UserError(
+                f"freeze={list(self.freeze)} and train_only={list(self.train_only)} both given: use one "
+                "(train_only trains the named layers and freezes every other)"
+            )
         if not 0 <= 2 * self.loss_border < self.crop:
             raise UserError(
                 f"loss_border={self.loss_border} must be >= 0 and leave part of the {self.crop}-pixel crop "
@@ -122,6 +155,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+DEFAULT_EPOCHS = 30  # when a recipe gives neither epochs nor max_iters
+
+
 # Names other tools use for our keys, so a config written for them gets a pointed hint.
 SYNONYMS = {
     "learning_rate": "lr",
@@ -132,6 +168,9 @@ SYNONYMS = {
     "crop_size": "crop",
     "num_epochs": "epochs",
     "max_epochs": "epochs",
+    "max_iter": "max_iters",
+    "iterations": "max_iters",
+    "accumulation_steps": "iter_size",
     "arch": "model",
     "workers": "num_workers",
     "gpu": "use_gpu",
@@ -211,7 +250,14 @@ def parse_key_values(pairs: list[str] | None, *, option: str) -> dict[str, Any]:
 
 
 def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`values` with `overrides` on top (None values ignored); `model_args` are merged key by key."""
+    """`values` with `overrides` on top (None values ignored); `model_args` are merged key by key.
+
+    `epochs` and `max_iters` say the same thing in two units: an override giving one of them drops the
+    other from `values` (unless the overrides give both), so `--epochs 1` shortens a max_iters recipe.
+    """
+    for key, other in (("epochs", "max_iters"), ("max_iters", "epochs")):
+        if overrides.get(key) is not None and overrides.get(other) is None:
+            values.pop(other, None)
     for key, value in overrides.items():
         if value is None:
             continue

@@ -32,41 +32,89 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.json"
 
 
-def freeze(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[str]:
-    """Leave the parameters whose names start with one of `prefixes` untrained; returns their names.
+def freeze(
+    model: torch.nn.Module, prefixes: tuple[str, ...] = (), *, train_only: tuple[str, ...] = ()
+) -> list[str]:
+    """Leave parameters untrained by name prefix; returns their names.
 
-    Dilation trains its context module on the output of a trained, fixed front end (Yu & Koltun, section
-    5): `freeze: [features, fc6, fc7, final]`. A prefix that names no parameter is a UserError.
+    `prefixes` (the config's `freeze`) names the untrained layers: Dilation trains its context module on the output of a trained,
+    fixed front end (Yu & Koltun, section 5), `freeze: [features, fc6, fc7, final]`. `train_only` names
+    the trained ones: DeepLab-MSc adjusts only the new branches (Chen et al., section 4.3),
+    `train_only: [multiscale]`. A prefix that names no parameter is a UserError.
     """
 
-    def under(name: str, prefix: str) -> bool:
-        return name == prefix or name.startswith(prefix + ".")
+    def under(name: str, prefixes: tuple[str, ...]) -> bool:
+        return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 
     params = dict(model.named_parameters())
-    for prefix in prefixes:
-        if not any(under(name, prefix) for name in params):
+    option = "train_only" if train_only else "freeze"
+    for prefix in train_only or prefixes:
+        if not any(under(name, (prefix,)) for name in params):
             children = ", ".join(name for name, _ in model.named_children())
-            raise UserError(f"freeze: {prefix!r} names no parameter of this model; its layers: {children}")
-    frozen = [name for name in params if any(under(name, p) for p in prefixes)]
+            raise UserError(f"{option}: {prefix!r} names no parameter of this model; its layers: {children}")
+    if train_only:
+        frozen = [name for name in params if not under(name, train_only)]
+    else:
+        frozen = [name for name in params if under(name, prefixes)]
     for name in frozen:
         params[name].requires_grad_(False)
     return frozen
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Param groups with the papers' multipliers: new head layers x head_lr_mult, biases/norms x bias_lr_mult.
+def frozen_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The largest submodules whose parameters are all frozen: they run in eval mode during training.
 
-    One-dimensional parameters (biases, norm scales) get no weight decay, as in the Caffe recipes.
+    A frozen front end is used as at test time: its dropout off and its batch-norm statistics fixed
+    (the Dilation release trains the context module on the front end's test-mode output).
     """
+    found: list[torch.nn.Module] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            found.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return found
+
+
+NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Param groups with the reference prototxts' lr_mult / decay_mult, as multipliers of lr and weight_decay.
+
+    |                    | backbone lr | head lr                     | weight decay                   |
+    | weights            | 1           | head_lr_mult                | 1                              |
+    | conv/linear biases | bias_lr_mult| head_lr_mult x bias_lr_mult | bias_decay_mult                |
+    | norm scale/shift   | 1           | head_lr_mult                | norm_decay_mult                |
+
+    Caffe recipes (FCN, DeepLab, Dilation, DeconvNet) give every convolution `lr_mult: 1 decay_mult: 1`
+    and `lr_mult: 2 decay_mult: 0` (bias_lr_mult 2, bias_decay_mult 0), DeepLab's fc8 10 / 20
+    (head_lr_mult 10). Frozen parameters (`freeze`) are left out.
+    """
+    kinds: dict[int, str] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, NORM_LAYERS) or param.ndim <= 1 and name != "bias":
+                kinds[id(param)] = "norm"
+            else:
+                kinds[id(param)] = "bias" if name == "bias" else "weight"
+    rules = {  # kind -> (lr multiplier, weight decay)
+        "weight": (1.0, cfg.weight_decay),
+        "bias": (cfg.bias_lr_mult, cfg.weight_decay * cfg.bias_decay_mult),
+        "norm": (1.0, cfg.weight_decay * cfg.norm_decay_mult),
+    }
     groups = []
     for part, params in model.param_groups().items():
         mult = cfg.head_lr_mult if part == "head" else 1.0
-        weights = [p for p in params if p.requires_grad and p.ndim > 1]
-        vectors = [p for p in params if p.requires_grad and p.ndim <= 1]
-        if weights:
-            groups.append({"params": weights, "lr_mult": mult, "weight_decay": cfg.weight_decay})
-        if vectors:
-            groups.append({"params": vectors, "lr_mult": mult * cfg.bias_lr_mult, "weight_decay": 0.0})
+        for kind, (lr_mult, decay) in rules.items():
+            chosen = [p for p in params if p.requires_grad and kinds[id(p)] == kind]
+            if chosen:
+                groups.append({"params": chosen, "lr_mult": mult * lr_mult, "weight_decay": decay})
     for g in groups:
         g["lr"] = cfg.lr * g["lr_mult"]
     if cfg.optimizer == "sgd":
@@ -75,15 +123,20 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 def lr_factor(cfg: TrainConfig, iteration: int, iters_per_epoch: int) -> float:
-    """Poly / step / fixed schedule with optional linear warm-up, as a factor of each group's base LR."""
-    total = max(1, cfg.epochs * iters_per_epoch)
+    """Poly / step / fixed schedule with optional linear warm-up, as a factor of each group's base LR.
+
+    `iteration` counts optimiser steps. Poly decays over the whole schedule, max_iters steps (or epochs x
+    iters_per_epoch): (1 - iteration / total) ** poly_power, Caffe's "poly". Step multiplies by step_gamma
+    every step_iters steps (Caffe's stepsize), or every step_epochs epochs.
+    """
+    total = max(1, cfg.total_steps(iters_per_epoch))
     warm = cfg.warmup_epochs * iters_per_epoch
     if iteration < warm:
         return (iteration + 1) / warm
     if cfg.lr_policy == "poly":
         return (1 - min(iteration, total - 1) / total) ** cfg.poly_power
     if cfg.lr_policy == "step":
-        return cfg.step_gamma ** (iteration // max(1, cfg.step_epochs * iters_per_epoch))
+        return cfg.step_gamma ** (iteration // max(1, cfg.step_iters or cfg.step_epochs * iters_per_epoch))
     return 1.0
 
 
@@ -110,9 +163,9 @@ def iter_train_batches(shard, cfg: TrainConfig, device: torch.device):
     blocks of the (file-shuffled) read.
     """
     return shard.iter_torch_batches(
-        batch_size=cfg.batch_size,
+        batch_size=cfg.micro_batch_size,
         drop_last=True,
-        local_shuffle_buffer_size=4 * cfg.batch_size,
+        local_shuffle_buffer_size=4 * cfg.micro_batch_size,
         prefetch_batches=4,
         pin_memory=device.type == "cuda",
     )
@@ -121,38 +174,62 @@ def iter_train_batches(shard, cfg: TrainConfig, device: torch.device):
 def train_one_epoch(model, optimizer, scaler, batches, cfg, device, *, iteration: int, iters_per_epoch: int):
     """One pass over this worker's shard; returns (mean loss over all workers, images seen here, iteration).
 
+    `batches` are this worker's micro-batches of `cfg.micro_batch_size` images; every `cfg.iter_size` of
+    them make one optimiser step of `cfg.batch_size` images over all workers. The step's gradient is the
+    mean of the micro-batch losses over the workers (DDP averages) and the accumulated micro-batches (each
+    loss / iter_size), as Caffe's iter_size and multi-GPU solvers do. With `loss_reduction: sum` (the
+    per-image sum of pixel losses, averaged over images) that is the loss of the whole batch, the same for
+    any split of it; with `mean` each micro-batch is the mean over its labelled pixels, which equals the
+    whole batch's mean when the micro-batches hold equally many labelled pixels (always close otherwise).
+    The epoch ends after `iters_per_epoch` steps, or at the schedule's last step (`cfg.total_steps`).
+
     The loss is summed on the device and read once, at the end: a `.item()` per step would make the host
     wait for every step's kernels and stall the queue of the next ones.
     """
     from segmodels.losses import segmentation_loss
 
     model.train()
+    for module in frozen_modules(model):
+        module.eval()
+    total = cfg.total_steps(iters_per_epoch)
+    stop = min(total, iteration + iters_per_epoch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    images = 0
+    images, micro = 0, 0
     for batch in batches:
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * group["lr_mult"] * lr_factor(cfg, iteration, iters_per_epoch)
+        if iteration >= stop:
+            if iteration >= total:
+                break
+            continue  # a remainder too small for a step: read to the end so the next epoch starts afresh
+        if micro == 0:
+            optimizer.zero_grad(set_to_none=True)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * group["lr_mult"] * lr_factor(cfg, iteration, iters_per_epoch)
+        micro += 1
+        stepping = micro == cfg.iter_size
         x = to_input(batch["image"], device, cfg)
         target = batch["mask"].to(device, non_blocking=True).long()
         weight = batch["weight"].to(device, non_blocking=True) if "weight" in batch else None
-        with autocast(cfg, device):
-            output = model(x)
-        output = {k: v.float() for k, v in output.items()} if isinstance(output, dict) else output.float()
-        loss = segmentation_loss(
-            output,
-            target,
-            aux_weight=cfg.aux_weight,
-            pixel_weight=weight,
-            border=cfg.loss_border,
-            reduction=cfg.loss_reduction,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        # DDP all-reduces the gradients on the step's last backward only (forward and backward inside).
+        with nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(cfg, device):
+                output = model(x)
+            output = {k: v.float() for k, v in output.items()} if isinstance(output, dict) else output.float()
+            loss = segmentation_loss(
+                output,
+                target,
+                aux_weight=cfg.aux_weight,
+                pixel_weight=weight,
+                border=cfg.loss_border,
+                reduction=cfg.loss_reduction,
+            )
+            scaler.scale(loss / cfg.iter_size).backward()
         loss_sum += loss.detach().double() * len(x)
         images += len(x)
-        iteration += 1
+        if stepping:
+            scaler.step(optimizer)
+            scaler.update()
+            iteration += 1
+            micro = 0
     totals = torch.stack([loss_sum, torch.tensor(float(images), dtype=torch.float64, device=device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
@@ -313,7 +390,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         load_backbone_weights(model, cfg.pretrained)
     if cfg.init_from and ray.train.get_checkpoint() is None:
         init_from(model, cfg, config, rank)
-    freeze(model, cfg.freeze)
+    freeze(model, cfg.freeze, train_only=cfg.train_only)
     if cfg.sync_bn and cfg.use_gpu and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:

@@ -63,7 +63,7 @@ def check_model(cfg: TrainConfig, num_classes: int) -> None:
         raise UserError(f"cannot build {cfg.model} with {args}: {err}") from None
     from pipelines.train.loop import freeze
 
-    freeze(net, cfg.freeze)
+    freeze(net, cfg.freeze, train_only=cfg.train_only)
     if cfg.pretrained:
         # Load into a CPU copy now: a missing file, a wrong architecture or a width != 1 fails here, not in a worker.
         try:
@@ -91,6 +91,30 @@ def check_storage(storage: str) -> str:
     return location
 
 
+def schedule_epochs(cfg: TrainConfig, rows: int) -> int:
+    """The passes over a train split of `rows` images that `cfg` asks for: `epochs`, or as many as
+    `max_iters` optimiser steps take (the last one cut short at max_iters)."""
+    import math
+
+    steps = cfg.steps_per_epoch(rows)
+    if steps < 1:
+        raise UserError(
+            f"the train split has {rows} training images, fewer than one step of "
+            f"batch_size {cfg.batch_size} ({cfg.num_workers} worker(s) x iter_size {cfg.iter_size} x "
+            f"{cfg.micro_batch_size} images); lower --batch-size"
+        )
+    if cfg.max_iters is None:
+        return cfg.epochs
+    derived = math.ceil(cfg.max_iters / steps)
+    if cfg.epochs is not None and cfg.epochs != derived:
+        raise UserError(
+            f"epochs={cfg.epochs} and max_iters={cfg.max_iters} disagree: {rows} training images at "
+            f"batch_size {cfg.batch_size} make {steps} steps per epoch, so max_iters={cfg.max_iters} is "
+            f"{derived} epochs; give only one of epochs and max_iters"
+        )
+    return derived
+
+
 def resolve(cfg: TrainConfig):
     """Everything `train` needs, validated: (cfg with resolved names/paths, PreparedDataset, tracking URI)."""
     from pipelines.data.dataset import open_prepared
@@ -106,12 +130,7 @@ def resolve(cfg: TrainConfig):
                 f"re-run `segpipe prepare --splits train,val`"
             )
     check_model(cfg, data.num_classes)
-    rows_per_worker = data.manifest.splits["train"].rows // cfg.num_workers
-    if rows_per_worker < cfg.batch_size:
-        raise UserError(
-            f"each of {cfg.num_workers} workers gets {rows_per_worker} training images, fewer than "
-            f"--batch-size {cfg.batch_size}; lower --batch-size or --num-workers"
-        )
+    epochs = schedule_epochs(cfg, data.manifest.splits["train"].rows)
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     tracking.check_server(uri)
     run_name = cfg.run_name or f"{cfg.model}-{data.manifest.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -126,6 +145,7 @@ def resolve(cfg: TrainConfig):
         replace(
             cfg,
             run_name=run_name,
+            epochs=epochs,
             storage=storage,
             tracking_uri=uri,
             model_args=model_args,
@@ -175,7 +195,7 @@ def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = N
     # Train V2 re-routes worker prints through a logger that also echoes them: one epoch line, not two.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
-    iters = data.manifest.splits["train"].rows // cfg.num_workers // cfg.batch_size
+    iters = cfg.steps_per_epoch(data.manifest.splits["train"].rows)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
