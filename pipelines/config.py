@@ -151,6 +151,20 @@ class TrainConfig:
         if not 0 < self.scale_min <= self.scale_max:
             raise UserError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
 
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per forward pass on one worker: batch_size / (num_workers x iter_size)."""
+        return self.batch_size // (self.num_workers * self.iter_size)
+
+    def steps_per_epoch(self, rows: int) -> int:
+        """Optimiser steps in one pass over a train split of `rows` images, split equally between the
+        workers; the rows left over (fewer than one step's batch on some worker) are not trained on."""
+        return rows // self.num_workers // self.micro_batch_size // self.iter_size
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The schedule's length in optimiser steps: max_iters, or epochs x steps_per_epoch."""
+        return self.max_iters or (self.epochs or 0) * steps_per_epoch
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
