@@ -38,6 +38,9 @@ class TrainConfig:
 
     model: str = "fcn8s"
     data: str = ""
+    # The prepared splits trained on and validated on (voc_aug: train_aug/val, or FCN's sbd_train/seg11valid).
+    train_split: str = "train"
+    val_split: str = "val"
     model_args: dict[str, Any] = field(default_factory=dict)
     pretrained: str = ""  # local torchvision ImageNet state dict (.safetensors/.pth) for the backbone
     init_from: str = ""  # model folder or runs:/, models:/ URI whose matching tensors start the model

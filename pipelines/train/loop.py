@@ -260,10 +260,10 @@ class ValShard:
     Only this rank's rows are decoded; the next batch is decoded in a thread while the current one runs.
     """
 
-    def __init__(self, data, batch_size: int, rank: int, world: int):
-        from pipelines.data.dataset import HEIGHT, IMAGE, MASK, WIDTH
+    def __init__(self, data, batch_size: int, rank: int, world: int, split: str = "val"):
+        from pipelines.data.dataset import HEIGHT, WIDTH
 
-        sizes = data.read_rows("val", [HEIGHT, WIDTH])
+        sizes = data.read_rows(split, [HEIGHT, WIDTH])
         sizes = list(zip(sizes[HEIGHT].to_pylist(), sizes[WIDTH].to_pylist(), strict=True))
         self.batches = val_batch_plan(sizes, batch_size, rank, world)
         rows = data.read_rows("val", [IMAGE, MASK], [i for batch in self.batches for i in batch])
@@ -416,7 +416,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     client = tracking.connect(config["tracking_uri"]) if rank == 0 else None
     iters = config["iters_per_epoch"]
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ValShard(open_prepared(cfg.data), cfg.val_batch_size, rank, world)
+    val_shard = ValShard(open_prepared(cfg.data), cfg.val_batch_size, rank, world, cfg.val_split)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         loss, images, iteration = train_one_epoch(

@@ -123,7 +123,7 @@ def resolve(cfg: TrainConfig):
     if not cfg.data:
         raise UserError("no dataset: pass --data DST (a folder or s3:// prefix written by `segpipe prepare`)")
     data = open_prepared(cfg.data)
-    for split in ("train", "val"):
+    for option, split in (("train_split", cfg.train_split), ("val_split", cfg.val_split)):
         if split not in data.manifest.splits:
             raise UserError(
                 f"{cfg.data} has no {split!r} split (has {', '.join(data.manifest.splits)}); "
@@ -169,8 +169,8 @@ def train_feed(cfg: TrainConfig, data):
     # One block, hence one augmentation task, per 8 rows: left to itself Ray Data cuts the read into blocks
     # of >= 1 MiB of encoded images (~17 VOC images, more when the split is large), and a task's crops only
     # leave it when its whole block is done, so the first batch of an epoch waited for whole blocks.
-    blocks = max(1, data.manifest.splits["train"].rows // rows_per_task)
-    feed = data.split("train", shuffle="files", override_num_blocks=blocks).map_batches(
+    blocks = max(1, data.manifest.splits[cfg.train_split].rows // rows_per_task)
+    feed = data.split(cfg.train_split, shuffle="files", override_num_blocks=blocks).map_batches(
         augment_batch,
         fn_kwargs={"params": AugmentParams.from_train_config(cfg)},
         batch_size=rows_per_task,
@@ -195,7 +195,7 @@ def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = N
     # Train V2 re-routes worker prints through a logger that also echoes them: one epoch line, not two.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
-    iters = cfg.steps_per_epoch(data.manifest.splits["train"].rows)
+    iters = cfg.steps_per_epoch(data.manifest.splits[cfg.train_split].rows)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
@@ -271,7 +271,7 @@ def log_final_model(client, run_id: str, checkpoint, data, cfg: TrainConfig) -> 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model_dir(Path(tmp) / "model", spec, [weights])
         tracking.log_model_folder(client, run_id, model_dir)
-        log_overlays(client, run_id, model_dir, data, cfg.num_overlays, Path(tmp))
+        log_overlays(client, run_id, model_dir, data, cfg.val_split, cfg.num_overlays, Path(tmp))
     client.log_figure(
         run_id, confusion_figure(np.asarray(state["confusion"]), state["classes"]), "confusion_matrix.png"
     )
@@ -282,8 +282,8 @@ def log_final_model(client, run_id: str, checkpoint, data, cfg: TrainConfig) -> 
     return state["metrics"]
 
 
-def log_overlays(client, run_id: str, model_dir: Path, data, count: int, tmp: Path) -> None:
-    """image | truth | prediction panels for the first `count` val images, logged under overlays/."""
+def log_overlays(client, run_id: str, model_dir: Path, data, split: str, count: int, tmp: Path) -> None:
+    """image | truth | prediction panels for the first `count` images of the val split, under overlays/."""
     import torch
 
     from pipelines.data.dataset import decode_image, decode_mask
@@ -296,8 +296,8 @@ def log_overlays(client, run_id: str, model_dir: Path, data, count: int, tmp: Pa
     out = tmp / "overlays"
     out.mkdir()
     # A few rows: read in this process (Ray Data's planning would cost more than the reading).
-    rows = range(min(count, data.manifest.splits["val"].rows))
-    for row in data.read_rows("val", ["image_id", "image", "mask"], rows).to_pylist():
+    rows = range(min(count, data.manifest.splits[split].rows))
+    for row in data.read_rows(split, ["image_id", "image", "mask"], rows).to_pylist():
         image, truth = decode_image(row["image"]), decode_mask(row["mask"])
         with torch.no_grad():
             probs = model.ensemble(model.normalize(torch.from_numpy(image.copy())[None]))
