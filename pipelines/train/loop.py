@@ -261,12 +261,12 @@ class ValShard:
     """
 
     def __init__(self, data, batch_size: int, rank: int, world: int, split: str = "val"):
-        from pipelines.data.dataset import HEIGHT, WIDTH
+        from pipelines.data.dataset import HEIGHT, IMAGE, MASK, WIDTH
 
         sizes = data.read_rows(split, [HEIGHT, WIDTH])
         sizes = list(zip(sizes[HEIGHT].to_pylist(), sizes[WIDTH].to_pylist(), strict=True))
         self.batches = val_batch_plan(sizes, batch_size, rank, world)
-        rows = data.read_rows("val", [IMAGE, MASK], [i for batch in self.batches for i in batch])
+        rows = data.read_rows(split, [IMAGE, MASK], [i for batch in self.batches for i in batch])
         self.images, self.masks = rows[IMAGE].to_pylist(), rows[MASK].to_pylist()
 
     def __iter__(self):
