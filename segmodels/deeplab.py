@@ -2,20 +2,30 @@
 Deep Convolutional Nets and Fully Connected CRFs", ICLR 2015 (arXiv:1412.7062).
 
 The layer settings follow the released DeepLab-LargeFOV prototxt: pool1-3 are 3x3 / stride 2 / pad 1,
-pool4-5 3x3 / stride 1 / pad 1, conv5_x has dilation ("hole") 2, fc6 is a 3x3 conv with dilation 12
-and 1024 channels, fc7 1x1 1024, fc8 1x1 to the classes. Output stride 8, logits bilinearly
-upsampled to the input size. The dense CRF is separate (`segmodels.crf`).
+pool4-5 3x3 / stride 1 / pad 1, conv5_x has dilation ("hole") 2, then `pool5a`, a 3x3 / stride 1 / pad 1
+average pooling (Caffe's AVE divides by the padded window, 9, as count_include_pad does), fc6 a 3x3
+conv with dilation 12 and 1024 channels, fc7 1x1 1024, fc8 1x1 to the classes. Output stride 8, logits
+bilinearly upsampled to the input size. The dense CRF is separate (`segmodels.crf`).
+
+`release=True` is the released test network's geometry (test.prototxt): the image data layer puts the
+image at the top left of a 513 x 513 canvas (crop_size) filled with the mean, 0 once subtracted (larger
+images: the next 8k + 1 side, where the release would crop), giving 65 x 65 scores, which its Interp
+layer zooms x8 corner-aligned to 513 x 513 before the image's part is cropped. On such 8k + 1 sides
+Caffe's rounded-up pools and PyTorch's rounded-down ones agree.
 
 `msc=True` adds the paper's multi-scale prediction (section 4.3, DeepLab-MSc): the input and pool1..pool4
 each feed a two-layer MLP (3x3 conv 128 + ReLU + dropout, 1x1 conv 128 + ReLU + dropout), whose 128
 channels join fc8's input. Concatenating 5 x 128 channels before the linear fc8 equals summing a 1x1 to C
 per branch with fc8's output, which is how it is built here. The 3x3 conv strides (8, 4, 2, 1, 1) bring
-every branch to output stride 8.
+every branch to output stride 8, as in the released train.prototxt (DeepLab-MSc-LargeFOV, which has
+pool5a too). Its test.prototxt differs: stride-1 branch convs, each branch's scores zoomed to the input
+(x1, x2, x4, x8, x8) before the sum; segpipe keeps the training geometry at test time.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._blocks import SegmentationModel, VGG16Features, fc_block, resize_to, scaled
@@ -24,6 +34,7 @@ from .registry import register_model
 MSC_CHANNELS = 128
 # Multi-scale sources: (name, VGG channels at width 1 or None for the input, stride down to output stride 8).
 MSC_SOURCES = (("data", None, 8), ("pool1", 64, 4), ("pool2", 128, 2), ("pool3", 256, 1), ("pool4", 512, 1))
+RELEASE_SCORES = 65  # the release's 513 x 513 test canvas gives 65 x 65 scores
 
 
 def msc_branch(in_ch: int, hidden: int, num_classes: int, stride: int) -> nn.Sequential:
@@ -48,7 +59,13 @@ class DeepLabLargeFOV(SegmentationModel):
     imagenet_source = "vgg16"
 
     def __init__(
-        self, num_classes: int, *, width: float = 1.0, ceil_mode: bool = False, msc: bool = False
+        self,
+        num_classes: int,
+        *,
+        width: float = 1.0,
+        ceil_mode: bool = False,
+        msc: bool = False,
+        release: bool = False,
     ) -> None:
         super().__init__(num_classes, width=width)
         if msc and ceil_mode:
@@ -62,6 +79,8 @@ class DeepLabLargeFOV(SegmentationModel):
             nn.MaxPool2d(3, 1, padding=1) for _ in range(2)
         ]
         self.features = VGG16Features(width, pools=pools, conv5_dilation=2)
+        self.pool5a = nn.AvgPool2d(3, stride=1, padding=1)
+        self.release = release
         fc = scaled(1024, width)
         self.fc6 = fc_block(self.features.out_channels, fc, 3, dilation=12, padding=12)
         self.fc7 = fc_block(fc, fc, 1)
@@ -82,21 +101,34 @@ class DeepLabLargeFOV(SegmentationModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        height, width = x.shape[-2:]
+        if self.release:  # n x m scores whose corner-aligned x8 zoom covers H x W (module docstring)
+            n, m = (max(RELEASE_SCORES, -(-(side - 1) // 8) + 1) for side in (height, width))
+            x = F.pad(x, (0, 8 * m - 7 - width, 0, 8 * n - 7 - height))
         pools = self.features.pool_outputs(x)
-        logits = self.fc8(self.fc7(self.fc6(pools[-1])))
+        logits = self.fc8(self.fc7(self.fc6(self.pool5a(pools[-1]))))
         if self.multiscale is not None:
             for branch, source in zip(self.multiscale.values(), [x, *pools[:4]], strict=True):
                 logits = logits + branch(source)
-        return resize_to(logits, x.shape[-2:])
+        if self.release:
+            zoomed = F.interpolate(logits, size=(8 * n - 7, 8 * m - 7), mode="bilinear", align_corners=True)
+            return zoomed[..., :height, :width]
+        return resize_to(logits, (height, width))
 
 
 @register_model
 def deeplab_largefov(
-    *, num_classes: int, width: float = 1.0, ceil_mode: bool = False, msc: bool = False
+    *,
+    num_classes: int,
+    width: float = 1.0,
+    ceil_mode: bool = False,
+    msc: bool = False,
+    release: bool = False,
 ) -> DeepLabLargeFOV:
-    """DeepLab-LargeFOV (arXiv:1412.7062): dilated VGG16, fc6 3x3 rate 12 with 1024 channels.
+    """DeepLab-LargeFOV (arXiv:1412.7062): dilated VGG16, pool5a, fc6 3x3 rate 12 with 1024 channels.
 
-    `ceil_mode=True` rounds pool1-3 up as Caffe does (set when importing the released weights);
-    `msc=True` adds DeepLab-MSc's multi-scale prediction branches (section 4.3).
+    `ceil_mode=True` rounds pool1-3 up as Caffe does; `release=True` runs the released test network's
+    513 x 513 canvas and x8 Interp zoom (set when importing the released weights); `msc=True` adds
+    DeepLab-MSc's multi-scale prediction branches (section 4.3).
     """
-    return DeepLabLargeFOV(num_classes, width=width, ceil_mode=ceil_mode, msc=msc)
+    return DeepLabLargeFOV(num_classes, width=width, ceil_mode=ceil_mode, msc=msc, release=release)

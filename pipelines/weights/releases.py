@@ -143,8 +143,9 @@ def _vgg_trunk(out: Converted, source: dict[str, torch.Tensor]) -> None:
 
 
 def map_deeplab(source: dict[str, torch.Tensor], arch: str) -> Converted:
-    """DeepLab-LargeFOV .caffemodel: conv1_1..conv5_3, fc6 (3x3, rate 12), fc7, fc8_<dataset> (fc8_voc12)."""
-    out = Converted(arch="deeplab_largefov", convention=DEEPLAB_BGR, model_args={"ceil_mode": True})
+    """DeepLab-LargeFOV .caffemodel: conv1_1..conv5_3, fc6 (3x3, rate 12), fc7, fc8_<dataset> (fc8_voc12);
+    run as its test.prototxt runs (`release`: the 513 x 513 mean-padded canvas, the x8 Interp zoom)."""
+    out = Converted(arch="deeplab_largefov", convention=DEEPLAB_BGR, model_args={"release": True})
     _vgg_trunk(out, source)
     fc8 = sorted({k.split(".")[0] for k in source if k.startswith("fc8")})
     if len(fc8) > 1:

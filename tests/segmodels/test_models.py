@@ -276,6 +276,14 @@ def test_deeplab_msc_shape_backward_and_sum_with_fc8() -> None:
         build_meta("deeplab_largefov", msc=True, ceil_mode=True)
 
 
+def test_deeplab_pool5a_divides_by_the_padded_window() -> None:
+    """pool5a is Caffe's AVE pooling, 3x3 / stride 1 / pad 1: every window divides by 9, padding included."""
+    out = build_tiny("deeplab_largefov").pool5a(torch.ones(1, 1, 4, 5))
+    assert out.shape == (1, 1, 4, 5)
+    assert out[0, 0, 0, 0] == pytest.approx(4 / 9) and out[0, 0, 0, 2] == pytest.approx(6 / 9)
+    assert out[0, 0, 1, 1] == 1
+
+
 @pytest.mark.parametrize("name", ["deeplab_largefov", "dilation"])
 def test_output_stride_is_8(name: str) -> None:
     model = build_tiny(name)

@@ -189,9 +189,45 @@ def test_fcn_release_imports_and_matches_the_caffe_forward(tmp_path, images, arc
     assert_same_prediction(tmp_path / "model", images, reference, x)
 
 
+def caffe_ave_pool(x: torch.Tensor, kernel: int, stride: int, pad: int) -> torch.Tensor:
+    """Caffe's AVE pooling as its loop reads: the window sum over the image, divided by the window's size
+    clipped to the padded bounds (H + pad), padding included; output size as in `caffe_max_pool`."""
+    h, w = x.shape[-2:]
+    sizes = []
+    for n in (h, w):
+        out = math.ceil((n + 2 * pad - kernel) / stride) + 1
+        sizes.append(out - 1 if pad and (out - 1) * stride >= n + pad else out)
+    out = x.new_zeros(*x.shape[:-2], *sizes)
+    for ph in range(sizes[0]):
+        for pw in range(sizes[1]):
+            h0, w0 = ph * stride - pad, pw * stride - pad
+            h1, w1 = min(h0 + kernel, h + pad), min(w0 + kernel, w + pad)
+            window = x[..., max(h0, 0) : min(h1, h), max(w0, 0) : min(w1, w)]
+            out[..., ph, pw] = window.sum((-2, -1)) / ((h1 - h0) * (w1 - w0))
+    return out
+
+
+def caffe_interp_zoom(x: torch.Tensor, zoom: int, size: tuple[int, int]) -> torch.Tensor:
+    """DeepLab's Interp layer with `zoom_factor` (caffe_cpu_interp2): n -> n + (n - 1)(zoom - 1) samples,
+    output row r reading input row r (n - 1) / (out - 1) (float32), bilinearly, the last row clamped.
+    Only the top-left `size` of the output is computed (the part the image occupies)."""
+
+    def taps(n: int, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = n + (n - 1) * (zoom - 1)
+        pos = (torch.tensor((n - 1) / (out - 1), dtype=torch.float32) * torch.arange(out))[:keep]
+        low = pos.long()
+        return low, torch.where(low < n - 1, low + 1, low), (pos - low).to(x.dtype)
+
+    (r0, r1, a), (c0, c1, b) = (taps(n, keep) for n, keep in zip(x.shape[-2:], size, strict=True))
+    rows = x[..., r0, :] * (1 - a)[:, None] + x[..., r1, :] * a[:, None]
+    return rows[..., c0] * (1 - b) + rows[..., c1] * b
+
+
 def test_deeplab_largefov_release_imports_and_matches(tmp_path, images) -> None:
-    """DeepLab-LargeFOV (legacy `layers` file): pools 3x3 s2 p1 (ceil) x3, s1 x2, conv5 rate 2, fc6 3x3 rate 12
-    (1024), fc7, fc8_voc12; scores at stride 8, bilinearly resized (segpipe's resize, as for every model)."""
+    """DeepLab-LargeFOV test.prototxt (legacy `layers` file): the image data layer pads the image at the
+    bottom/right with the mean to crop_size 513; pools 3x3 s2 p1 x3, s1 p1 x2, conv5 hole 2, pool5a
+    (AVE 3x3 s1 p1), fc6 3x3 hole 12 (1024), fc7, fc8_voc12 (65 x 65 scores), fc8_interp (Interp,
+    zoom_factor 8: 513 x 513), cropped to the image. Compared blob by blob at pool5, pool5a and fc8."""
     gen = torch.Generator().manual_seed(3)
     blobs = vgg_blobs(gen, fc=0)
     blobs["fc6"] = [rand(1024 // W, 512 // W, 3, 3, gen=gen), torch.randn(1024 // W, generator=gen) * 0.1]
@@ -202,22 +238,40 @@ def test_deeplab_largefov_release_imports_and_matches(tmp_path, images) -> None:
     summary = import_weights(
         ImportConfig(arch="deeplab_largefov", source=str(path), out=str(tmp_path / "model"))
     )
-    assert summary["model_args"] == {"ceil_mode": True, "width": 1 / W}
+    assert summary["model_args"] == {"release": True, "width": 1 / W}
     x = (
         torch.from_numpy(images[..., ::-1].copy()).float() - torch.tensor([104.008, 116.669, 122.675])
     ).permute(0, 3, 1, 2)
+    h, w = x.shape[-2:]
+    reference = {}
     with torch.no_grad():
-        h = x
+        y = F.pad(x, (0, 513 - w, 0, 513 - h))  # the mean value, 0 once subtracted
         for index, stage in enumerate(VGG_STAGES):
             for name, *_ in stage:
                 rate = 2 if index == 4 else 1
-                h = F.relu(F.conv2d(h, *blobs[name], padding=rate, dilation=rate))
-            h = caffe_max_pool(h, 3, 2 if index < 3 else 1, 1)
-        h = F.relu(F.conv2d(h, *blobs["fc6"], padding=12, dilation=12))
-        scores = F.conv2d(F.relu(F.conv2d(h, *blobs["fc7"])), *blobs["fc8_voc12"])
-        assert scores.shape[-2:] == (6, 7)  # Caffe's rounding: 37 -> 19 -> 10 -> 6, 45 -> 23 -> 12 -> 7
-        reference = F.interpolate(scores, size=(37, 45), mode="bilinear", align_corners=False)
-    assert_same_prediction(tmp_path / "model", images, reference, x)
+                y = F.relu(F.conv2d(y, *blobs[name], padding=rate, dilation=rate))
+            y = caffe_max_pool(y, 3, 2 if index < 3 else 1, 1)
+        reference["pool5"] = y
+        y = reference["pool5a"] = caffe_ave_pool(y, 3, 1, 1)
+        y = F.relu(F.conv2d(y, *blobs["fc6"], padding=12, dilation=12))
+        y = reference["fc8"] = F.conv2d(F.relu(F.conv2d(y, *blobs["fc7"])), *blobs["fc8_voc12"])
+        assert y.shape[-2:] == (65, 65)  # 513 -> 257 -> 129 -> 65, zoomed x8 to 65 + 64 * 7 = 513
+        logits = caffe_interp_zoom(y, 8, (h, w))
+
+    network = load_model_dir(tmp_path / "model").ensemble.members[0].network
+    pool5 = network.features[network.features.pool_indices[-1]]
+    blob_of = {"pool5": pool5, "pool5a": network.pool5a, "fc8": network.fc8}
+    seen = {}
+    hooks = [
+        m.register_forward_hook(lambda _, __, out, k=k: seen.setdefault(k, out)) for k, m in blob_of.items()
+    ]
+    with torch.no_grad():
+        network(x[:1])
+    for hook in hooks:
+        hook.remove()
+    for name, blob in reference.items():
+        assert (seen[name] - blob[:1]).abs().max() <= 1e-4 * blob.abs().max(), name
+    assert_same_prediction(tmp_path / "model", images, logits, x)
 
 
 def test_dilation8_release_imports_and_matches(tmp_path, images) -> None:
