@@ -38,6 +38,22 @@ class CRFParams:
                 raise ValueError(f"CRFParams.{name} must be >= 0, got {getattr(self, name)}")
 
 
+# Peak memory of one `dense_crf`, its float32 input included (bench/crf.py, pydensecrf2, 10 iterations):
+# 64 B per pixel and class (unary, Q and message buffers; measured between 5 and 21 classes at 375x500)
+# plus 512 B per pixel for the bilateral lattice, whose size grows with the image's colour variety (a
+# photo-like 375x500 image needs ~410 B, uniform noise more), plus a 64 MB floor. Measured: 375x500 x 21
+# 0.35 GB (0.40 GB on noise), 2048x1024 x 19 2.4 GB; this gives 0.41 and 3.7 GB.
+CRF_BYTES_PER_PIXEL_CLASS = 64
+CRF_BYTES_PER_PIXEL = 512
+CRF_BYTES_FLOOR = 64 * 2**20
+
+
+def crf_memory_bytes(height: int, width: int, num_classes: int) -> int:
+    """Bytes to reserve for one `dense_crf` on an H x W image with C classes (e.g. as Ray `memory=`)."""
+    pixels = height * width
+    return CRF_BYTES_PER_PIXEL_CLASS * pixels * num_classes + CRF_BYTES_PER_PIXEL * pixels + CRF_BYTES_FLOOR
+
+
 def dense_crf(
     image: np.ndarray, probs: np.ndarray | torch.Tensor, params: CRFParams = CRFParams()
 ) -> np.ndarray:

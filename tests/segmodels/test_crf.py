@@ -61,3 +61,43 @@ def test_params_are_frozen_and_validated():
         params.w1 = 5.0
     with pytest.raises(ValueError, match="theta_beta"):
         CRFParams(theta_beta=0)
+
+
+CRF_PEAK_PROBE = """
+import resource
+
+import numpy as np
+
+from segmodels.crf import dense_crf
+
+rng = np.random.default_rng(0)
+image = rng.integers(0, 256, (200, 250, 3), dtype=np.uint8)  # noise: the largest bilateral lattice
+with open("/proc/self/status") as status:
+    before = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+logits = rng.normal(0, 2, (21, 200, 250)).astype(np.float32)
+probs = np.exp(logits - logits.max(0))
+probs /= probs.sum(0)
+del logits
+dense_crf(image, probs)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+@pytest.mark.slow
+def test_crf_memory_bytes_covers_a_measured_crf_without_overreserving():
+    """The reservation for a 200x250 image of 21 classes against that CRF's peak resident memory (input
+    probabilities included) in a fresh process; and it grows with pixels and classes."""
+    import subprocess
+    import sys
+
+    from segmodels.crf import crf_memory_bytes
+
+    out = subprocess.run(
+        [sys.executable, "-c", CRF_PEAK_PROBE], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    peak, reserved = int(out.split()[-1]), crf_memory_bytes(200, 250, 21)
+    assert peak <= reserved <= 2.5 * peak, (
+        f"reserved {reserved / 1e6:.0f} MB for a measured {peak / 1e6:.0f} MB"
+    )
+    assert crf_memory_bytes(1024, 2048, 19) > 3 * 10**9  # bench/crf.py measures 2.4 GB on a photo-like image
+    assert crf_memory_bytes(200, 250, 22) > reserved and crf_memory_bytes(201, 250, 21) > reserved
