@@ -120,6 +120,8 @@ class TrainConfig:
                 raise UserError(
                     f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}"
                 )
+        if self.epochs is None and self.max_iters is None:
+            object.__setattr__(self, "epochs", DEFAULT_EPOCHS)
         positive = [
             "lr",
             "batch_size",
