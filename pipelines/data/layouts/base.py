@@ -19,7 +19,7 @@ class Sample:
     image_id: str
     image: str  # URI of the image file
     label: str = ""  # URI of the label file; "" when labels live in an annotation file (COCO)
-    annotations: str = ""  # COCO: this image's size and annotations, as JSON
+    annotations: str = ""  # COCO: this image's size and the byte ranges of its annotations, as JSON
 
 
 @dataclass(frozen=True)

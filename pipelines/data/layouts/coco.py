@@ -4,17 +4,23 @@ Semantic class = rank of the category id among the 80 categories + 1, background
 20 VOC classes with every other category as background (`coco_voc`, as torchvision's references do).
 Crowd regions and pixels claimed by instances of different classes become 255 (ignore).
 
-The annotation file is parsed once on the driver; each image's annotations travel with its `Sample`, so
-workers never load the (up to 450 MB) JSON. A file that is not JSON at all stops the run with a
-`UserError` (no sample could be recovered from it); a malformed entry quarantines only its image.
+The annotation file (up to 450 MB, 860k annotations) is streamed once on the driver in bounded memory
+(`scan_annotation_file`): what the driver keeps is each image's size and the byte ranges of its annotations
+in the file, not the annotations themselves. Each worker reads its image's ranges from the same file (one
+ranged read per run of consecutive annotations), so neither side ever holds the whole JSON. A file that
+is not JSON at all stops the run with a `UserError` (no sample could be recovered from it); a malformed
+entry quarantines only its image.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import posixpath
-from collections import defaultdict
+import re
+from array import array
+from typing import BinaryIO
 
 import numpy as np
 
@@ -112,6 +118,172 @@ def annotations_to_mask(anns: list, height: int, width: int, classes: dict[int, 
     return mask
 
 
+CHUNK_BYTES = 8 * 2**20  # how much of the annotation file the driver reads at a time
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+class _JsonStream:
+    """A forward-only window on a UTF-8 JSON file that decodes one value at a time and says which bytes
+    of the file it came from (`json.JSONDecoder.raw_decode` gives where each value ends in the text)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()  # refuses what json.loads would refuse
+        self.text = ""
+        self.pos = 0  # index in text of the next unread character
+        self.eof = False
+        self._char, self._byte = 0, 0  # a character of text and its byte offset in the file
+
+    def byte_offset(self, index: int) -> int:
+        """The file offset of text[index]; indexes only move forward, so the file is counted once."""
+        between = self.text[self._char : index]
+        self._byte += len(between) if between.isascii() else len(between.encode("utf-8"))
+        self._char = index
+        return self._byte
+
+    def _more(self) -> bool:
+        """Append the next chunk (dropping what was read); False at the end of the file."""
+        data = self.stream.read(CHUNK_BYTES)
+        self.eof = not data
+        chunk = self.utf8.decode(data, final=self.eof)
+        self.byte_offset(self.pos)
+        self.text = self.text[self.pos :] + chunk
+        self.pos = self._char = 0
+        return not self.eof
+
+    def peek(self) -> str:
+        """The next character that is not whitespace ("" at the end of the file)."""
+        while True:
+            self.pos = _WHITESPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self._more():
+                return ""
+
+    def expect(self, allowed: str) -> str:
+        char = self.peek()
+        if not char or char not in allowed:
+            where = self.byte_offset(self.pos)
+            raise ValueError(f"expected one of {allowed!r} at byte {where}, found {char or 'the end'!r}")
+        self.pos += 1
+        return char
+
+    def value(self) -> tuple[object, int, int]:
+        """The next JSON value, with the byte offsets where it starts and ends."""
+        self.peek()
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError:
+                if self._more():
+                    continue  # the value goes on in the next chunk
+                raise
+            if end == len(self.text) and not self.eof and self._more():
+                continue  # a number cut at the chunk's end
+            start = self.byte_offset(self.pos)
+            self.pos = end
+            return value, start, self.byte_offset(end)
+
+    def array(self):
+        """Yield (value, start, end) for each element of the array that comes next."""
+        self.expect("[")
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        while True:
+            yield self.value()
+            if self.expect(",]") == "]":
+                return
+
+
+class AnnotationIndex:
+    """What the driver keeps of an annotation file: per image key, the byte ranges of its annotations.
+
+    Four integers per annotation while listing (about 30 MB for COCO train2017), whatever the polygons
+    weigh; a run of consecutive annotations of one image becomes one range.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict = {}  # image_id as in the file -> slot
+        self.slot, self.start, self.end, self.position = array("l"), array("q"), array("q"), array("l")
+
+    def add(self, image_id, start: int, end: int, position: int) -> None:
+        self.slot.append(self.slots.setdefault(image_id, len(self.slots)))
+        self.start.append(start)
+        self.end.append(end)
+        self.position.append(position)
+
+    def ranges(self) -> dict[int, list[list[int]]]:
+        """slot -> [[start, end], ...] in file order, consecutive annotations merged."""
+        out: dict[int, list[list[int]]] = {}
+        last: dict[int, int] = {}
+        for slot, start, end, position in zip(self.slot, self.start, self.end, self.position, strict=True):
+            runs = out.setdefault(slot, [])
+            if runs and last[slot] == position - 1:
+                runs[-1][1] = end
+            else:
+                runs.append([start, end])
+            last[slot] = position
+        return out
+
+
+def _image_fields(entry):
+    """The fields listing reads from an image entry (not its URLs, dates, licence)."""
+    if not isinstance(entry, dict):
+        return entry
+    return {key: entry[key] for key in ("id", "file_name", "height", "width") if key in entry}
+
+
+def scan_annotation_file(stream: BinaryIO) -> tuple[list, AnnotationIndex]:
+    """Stream a COCO instances file: its image entries and an index of where each image's annotations are.
+
+    Memory: one chunk of text, the image entries and four integers per annotation. Raises ValueError
+    (json.JSONDecodeError, UnicodeDecodeError) for a file that is not JSON and KeyError without "images".
+    """
+    reader = _JsonStream(stream)
+    images, index = None, AnnotationIndex()
+    if reader.peek() == "\ufeff":
+        reader.pos += 1  # a UTF-8 byte order mark, which json.loads accepts too
+    reader.expect("{")
+    if reader.peek() == "}":
+        reader.pos += 1
+    else:
+        while True:
+            key, _, _ = reader.value()
+            if not isinstance(key, str):
+                raise ValueError(f"object key {key!r} is not a string")
+            reader.expect(":")
+            if key in ("images", "annotations") and reader.peek() != "[":
+                raise ValueError(f'"{key}" is not a list')
+            if key == "images":  # as json.loads, a repeated key keeps its last value
+                images = [_image_fields(entry) for entry, _, _ in reader.array()]
+            elif key == "annotations":
+                index = AnnotationIndex()
+                for position, (ann, start, end) in enumerate(reader.array()):
+                    if isinstance(ann, dict) and isinstance(ann.get("image_id"), int | str):
+                        index.add(ann["image_id"], start, end, position)
+            else:
+                reader.value()  # info, licenses, categories: small
+            if reader.expect(",}") == "}":
+                break
+    if reader.peek():
+        raise ValueError(f"extra data at byte {reader.byte_offset(reader.pos)}")
+    if images is None:
+        raise KeyError("images")
+    return images, index
+
+
+def read_annotations(uri: str, ranges: list[list[int]]) -> list[dict]:
+    """One image's annotations: the byte ranges `scan_annotation_file` found, read from the file."""
+    fs, path = storage.filesystem(uri)
+    anns = []
+    with fs.open_input_file(path) as f:
+        for start, end in ranges:
+            anns += json.loads(b"[" + f.read_at(end - start, start) + b"]")
+    return anns
+
+
 class Coco(Layout):
     def __init__(self, voc_subset: bool) -> None:
         self.voc_subset = voc_subset
@@ -134,27 +306,28 @@ class Coco(Layout):
             raise UserError(f"annotation file {ann_file} does not exist: check --root and --splits")
         if not storage.is_dir(image_dir):
             raise UserError(f"image folder {image_dir} does not exist: check --root and --splits")
+        fs, path = storage.filesystem(ann_file)
         try:
-            data = json.loads(storage.read_bytes(ann_file))
-            images, annotations = data["images"], data.get("annotations", [])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            with fs.open_input_stream(path) as stream:
+                images, index = scan_annotation_file(stream)
+        except (ValueError, KeyError) as err:
             raise UserError(
                 f"{ann_file} is not a COCO annotation file ({type(err).__name__}: {err}): re-download or repair it"
             ) from err
 
-        per_image = defaultdict(list)
-        for ann in annotations:
-            if isinstance(ann, dict) and isinstance(ann.get("image_id"), int | str):
-                per_image[ann["image_id"]].append(
-                    {k: ann.get(k) for k in ("id", "category_id", "iscrowd", "segmentation")}
-                )
+        ranges = index.ranges()
         files = storage.list_files(image_dir, recursive=False)
         samples, rejected = [], []
         for entry in images:
             try:
                 file_name, height, width = entry["file_name"], int(entry["height"]), int(entry["width"])
-                anns = per_image.get(entry["id"], [])
-                record = {"height": height, "width": width, "source": ann_file, "anns": anns}
+                slot = index.slots.get(entry["id"])
+                record = {
+                    "height": height,
+                    "width": width,
+                    "source": ann_file,
+                    "ranges": ranges.get(slot, []),
+                }
             except (KeyError, TypeError, ValueError) as err:
                 entry = entry if isinstance(entry, dict) else {}
                 image_id = posixpath.splitext(str(entry.get("file_name", entry.get("id", "?"))))[0]
@@ -173,6 +346,7 @@ class Coco(Layout):
     def label_to_mask(self, sample: Sample, label: bytes | None) -> np.ndarray:
         record = json.loads(sample.annotations)
         try:
-            return annotations_to_mask(record["anns"], record["height"], record["width"], self._classes)
+            anns = read_annotations(record["source"], record["ranges"])
+            return annotations_to_mask(anns, record["height"], record["width"], self._classes)
         except (ValueError, TypeError) as err:
             raise BadSample(f"broken annotation: {err}", record["source"]) from err
