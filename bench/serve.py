@@ -6,15 +6,20 @@
 Both sides hold the same model (random weights: the speed does not depend on them), answer the same real
 HTTP requests (POST /v1/segment, a 500x375 JPEG, palette PNG back) and use the same cores: the baseline is
 one uvicorn process (decode, forward, max over classes, PNG; dense CRF for the CRF case) with torch on every
-core; Serve runs one model replica with the same torch threads. They are measured one after the other in
+core; Serve runs with its defaults on a local Ray of this machine's cores, model replicas and their torch
+threads sized from the node (`replica_sizing`, printed). They are measured one after the other in
 one run, at concurrency 1, 8 and 32 (closed-loop clients). Models: FCN-8s width 0.25, DeepLab-LargeFOV
 width 0.5, the two as an ensemble, and the ensemble with the CRF. The soak sends `--soak` requests at
 concurrency 16 to the last case (put `ensemble` last) and kills the model replica halfway: Serve must replace it, no request may
-hang, and failures (503 JSON) must stay <= 1%.
+hang, and failures (503 JSON) must stay <= 1%. `--upscale` times Serve's default autoscaling: seconds from
+the start of a load at concurrency 8 until a second FCN-8s replica is running. Every cell also reports
+where the CPU went: CPU milliseconds per request of the clients, the baseline process, and each of
+Serve's processes (proxy, ingress, model replica, controller, the rest of Ray), read from /proc.
 """
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -221,6 +226,97 @@ def kill_model_replica() -> None:
     print(f"killed {name}", flush=True)
 
 
+def running_model_replicas() -> int:
+    from ray import serve
+
+    from pipelines.serve import APP_NAME
+
+    deployment = serve.status().applications[APP_NAME].deployments["SegmentationModel"]
+    return sum(n for state, n in deployment.replica_states.items() if str(state).endswith("RUNNING"))
+
+
+def upscale_reaction(folder: Path, data: bytes, concurrency: int = 8) -> dict:
+    """Seconds from the start of a closed-loop load to a second model replica answering, with the
+    default autoscaling knobs and room for two replicas (one torch thread each)."""
+    from pipelines.serve import ServeConfig, start_server, stop_server
+
+    cfg = ServeConfig(
+        model_uri=str(folder), port=free_port(), max_replicas=2, replica_threads=1, member_cpus=0.5
+    )
+    url = start_server(cfg)
+    try:
+        closed_loop(url, data, 1, 1.0)  # warm, then idle: one replica
+        load = threading.Thread(target=closed_loop, args=(url, data, concurrency, 40.0), daemon=True)
+        started = time.perf_counter()
+        load.start()
+        seconds = None
+        while load.is_alive():
+            if running_model_replicas() >= 2:
+                seconds = time.perf_counter() - started
+                break
+            time.sleep(0.2)
+        load.join()
+    finally:
+        stop_server()
+    return {
+        "seconds_to_second_replica": None if seconds is None else round(seconds, 1),
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "look_back_period_s": cfg.look_back_period_s,
+        "target_ongoing_requests": cfg.target_ongoing_requests,
+    }
+
+
+# Processes of this bench, by what they do: the first label whose marker is in the command line.
+CPU_GROUPS = (
+    ("model replica", "SegmentationModel"),
+    ("CRF replica", "CRFRefiner"),
+    ("ingress", "SegmentationIngress"),
+    ("proxy", "ProxyActor"),
+    ("Serve controller", "ServeController"),
+    ("baseline (uvicorn)", "--baseline"),
+    ("Ray (GCS, raylet, dashboard, agents, idle workers)", ""),
+)
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process (the clients) and each group of its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents, usage = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(entry)] = int(fields[1])
+        usage[int(entry)] = ((int(fields[11]) + int(fields[12])) / tick, cmdline)
+    me, totals = os.getpid(), {"clients (this process)": usage[os.getpid()][0]}
+    for pid, (seconds, cmdline) in usage.items():
+        ancestor = parents.get(pid)
+        while ancestor not in (None, 0, 1, me):
+            ancestor = parents.get(ancestor)
+        if ancestor == me:
+            label = next(label for label, marker in CPU_GROUPS if marker in cmdline)
+            totals[label] = totals.get(label, 0.0) + seconds
+    return totals
+
+
+def measured(url: str, data: bytes, concurrency: int, seconds: float) -> dict:
+    """`closed_loop`, with the CPU seconds per answered request of each group of processes."""
+    before = cpu_seconds()
+    result = closed_loop(url, data, concurrency, seconds)
+    after = cpu_seconds()
+    requests = result["requests"] + min(4, concurrency)  # the warm-up's too
+    result["cpu_ms_per_request"] = {
+        label: round(1000 * (after[label] - before.get(label, 0.0)) / requests, 1) for label in after
+    }
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -231,14 +327,15 @@ def free_port() -> int:
 def measure(args, workdir: Path, data: bytes) -> dict:
     import ray
 
+    from pipelines.preflight import cluster_capacity
     from pipelines.serve import ServeConfig, start_server, stop_server
+    from pipelines.serve.config import replica_sizing
     from pipelines.serve_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
-    cores = os.cpu_count() or 1
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
-    # A fresh local Ray (never another one running on this machine); logical CPUs: the model replica
-    # reserves `cores` (its torch threads), the CRF pool 1, the ingress a little.
-    ray.init(address="local", num_cpus=2 * cores + 2, include_dashboard=True, logging_level=logging.WARNING)
+    # A fresh local Ray (never another one running on this machine) with the machine's cores, as
+    # `segpipe serve` starts it.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, logging_level=logging.WARNING)
     result = {}
     for case in args.cases:
         members, crf = CASES[case]
@@ -246,30 +343,27 @@ def measure(args, workdir: Path, data: bytes) -> dict:
         process, url = start_baseline(folder, crf)
         try:
             for c in CONCURRENCY:
-                result[f"{case}_baseline_c{c}"] = closed_loop(url, data, c, args.seconds)
+                result[f"{case}_baseline_c{c}"] = measured(url, data, c, args.seconds)
                 print(case, "baseline", c, result[f"{case}_baseline_c{c}"], flush=True)
         finally:
             process.terminate()
             process.wait(30)
-        cfg = ServeConfig(
-            model_uri=str(folder),
-            port=free_port(),
-            min_replicas=1,
-            max_replicas=1,
-            member_cpus=float(cores),
-            crf=crf,
-            request_timeout_s=120,
-        )
+        cfg = ServeConfig(model_uri=str(folder), port=free_port(), crf=crf, request_timeout_s=120)
+        result[f"{case}_sizing"] = dataclasses.asdict(replica_sizing(cfg, cluster_capacity()))
+        print(case, "model replicas", result[f"{case}_sizing"], flush=True)
         url = start_server(cfg)
         try:
             for c in CONCURRENCY:
-                result[f"{case}_serve_c{c}"] = closed_loop(url, data, c, args.seconds)
+                result[f"{case}_serve_c{c}"] = measured(url, data, c, args.seconds)
                 print(case, "serve", c, result[f"{case}_serve_c{c}"], flush=True)
             if case == args.cases[-1] and args.soak:  # the ensemble when all cases run
                 result["soak"] = soak(url, data, args.soak, 16, args.soak // 2, kill_model_replica)
                 print("soak", result["soak"], flush=True)
         finally:
             stop_server()
+    if args.upscale:
+        result["upscale"] = upscale_reaction(model_folder(workdir / "upscale", ["fcn8s"]), data)
+        print("upscale", result["upscale"], flush=True)
     return result
 
 
@@ -281,6 +375,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per figure (default: 8)")
     parser.add_argument("--soak", type=int, default=2000, help="soak requests, 0 to skip (default: 2000)")
     parser.add_argument("--size", default="500x375", help="image WxH (default: 500x375)")
+    parser.add_argument(
+        "--upscale",
+        action="store_true",
+        help="also time how long Serve's default autoscaling takes to add a second model replica under load",
+    )
     parser.add_argument("--json-out", default="bench/out/serve.json")
     parser.add_argument("--baseline", help=argparse.SUPPRESS)  # internal: run the baseline server
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -316,7 +415,9 @@ def main() -> None:
                     round(ours["p50_ms"] - base["p50_ms"], 1),
                 ]
             )
+    sizing = result[f"{args.cases[0]}_sizing"]
     print(f"\n{result['machine']}; {result['image']}; {args.seconds:g} s per figure")
+    print(f"Serve: up to {sizing['replicas']} model replica(s) x {sizing['threads']} torch threads")
     print(f"load average before {load_before}, after {result['load_average_after']}\n")
     headers = [
         "model",
@@ -329,10 +430,25 @@ def main() -> None:
         "added p50 (ms)",
     ]
     print(format_table(headers, rows))
+    for case in args.cases:
+        for c in CONCURRENCY:
+            for side in ("baseline", "serve"):
+                cpu = result[f"{case}_{side}_c{c}"]["cpu_ms_per_request"]
+                spent = ", ".join(
+                    f"{label} {ms:g}" for label, ms in sorted(cpu.items(), key=lambda kv: -kv[1]) if ms
+                )
+                print(f"{case} c{c} {side}: CPU ms per request: {spent}")
     if "soak" in result:
         s = result["soak"]
         print(
             f"\nsoak: {s['requests']} requests at concurrency 16, model replica killed halfway: statuses {s['statuses']}"
+        )
+    if "upscale" in result:
+        u = result["upscale"]
+        print(
+            f"\nupscale: a second model replica answered {u['seconds_to_second_replica'] or 'not within 40'} s "
+            f"after load started at concurrency 8 (upscale_delay_s {u['upscale_delay_s']:g}, look_back_period_s "
+            f"{u['look_back_period_s']:g}, target_ongoing_requests {u['target_ongoing_requests']:g})"
         )
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -22,12 +22,17 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    p.add_argument("--min-replicas", type=int, default=1, help="fewest model replicas (default: 1)")
+    p.add_argument("--min-replicas", type=int, help="fewest model replicas (default: 1)")
     p.add_argument(
         "--max-replicas",
         type=int,
-        default=2,
-        help="most model replicas, and CRF replicas with --crf (default: 2)",
+        help="most model replicas, and CRF replicas with --crf (default: sized from the cluster's cores, "
+        "replicas x torch threads = each node's cores less one in eight for the proxy and ingress)",
+    )
+    p.add_argument(
+        "--replica-threads",
+        type=int,
+        help="torch threads per model replica on CPUs (default: sized from the node, at most 4)",
     )
     p.add_argument(
         "--member-gpus",
@@ -46,16 +51,18 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> None:
     from pipelines.serve import ServeConfig, serve_forever
 
+    # Options left out keep ServeConfig's defaults (one place for them).
+    sizing = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+              "replica_threads": args.replica_threads}  # fmt: skip
     serve_forever(
         ServeConfig(
             model_uri=args.model_uri,
             tracking_uri=args.tracking_uri or "",
             host=args.host,
             port=args.port,
-            min_replicas=args.min_replicas,
-            max_replicas=args.max_replicas,
             member_gpus=args.member_gpus,
             crf=args.crf,
+            **{name: value for name, value in sizing.items() if value is not None},
         )
     )
 

@@ -40,7 +40,9 @@ class SegmentationModel:
     def __init__(self, cfg: ServeConfig, model: ModelRef):
         import torch
 
-        torch.set_num_threads(max(1, int(cfg.member_cpus)))
+        # `build_app` sizes replica_threads from the node; a replica built directly follows member_cpus.
+        self.threads = cfg.replica_threads or max(1, round(cfg.member_cpus))
+        torch.set_num_threads(self.threads)
         self.cfg, self.initial_source = cfg, model.source
         self.registry = registry_name(cfg.model_uri)
         self.device = "cuda" if cfg.member_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -67,6 +69,7 @@ class SegmentationModel:
             "batch_wait_timeout_s": self.knobs.batch_wait_timeout_s,
             "loaded": list(self.loaded),
             "device": self.device,
+            "threads": self.threads,
         }
 
     def check_source(self, source: str) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 from ray import serve
 
 from pipelines.errors import UserError
+from pipelines.preflight import Capacity, cluster_capacity
 from pipelines.runtime import log_level
-from pipelines.serve.config import APP_NAME, ServeConfig, config_from_args
+from pipelines.serve.config import APP_NAME, ServeConfig, config_from_args, replica_sizing
 from pipelines.serve.crf import CRFRefiner
 from pipelines.serve.ingress import SegmentationIngress
 from pipelines.serve.model import SegmentationModel
@@ -37,15 +38,30 @@ def autoscaling(cfg: ServeConfig, min_replicas: int) -> dict[str, Any]:
         "look_back_period_s": cfg.look_back_period_s,
     }
     if cfg.look_back_period_s < 30:
-        # Load is reported every 10 s by default: too coarse for a short look-back window.
+        # Load is reported every 10 s by default: too coarse for a short look-back window (Serve has
+        # deprecated this field for an environment variable of every replica, but still honours it).
         config["metrics_interval_s"] = cfg.look_back_period_s / 3
     return config
+
+
+def capacity() -> Capacity:
+    """The Ray cluster's, or this machine's before Ray starts (`start_server` then starts a local
+    instance with all of its cores; with $RAY_ADDRESS, size the replicas with max_replicas and member_cpus)."""
+    import ray
+
+    if ray.is_initialized():
+        return cluster_capacity()
+    import torch
+
+    cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+    return Capacity(cpus=cpus, gpus=gpus, node_cpus=cpus, node_gpus=gpus)
 
 
 def build_app(cfg: ServeConfig):
     """The Serve application for `cfg`: the ingress, the model deployment and (with `crf`) the CRF pool.
 
     Resolves and reads the model first, so a bad URI fails here with a UserError, before Serve starts.
+    The model replicas are sized from the cluster (`replica_sizing`) where `cfg` leaves them at 0.
     """
     from pipelines import tracking
 
@@ -53,6 +69,11 @@ def build_app(cfg: ServeConfig):
         # Replicas run in other processes (and nodes): give them an absolute store, not "./mlruns".
         cfg = dataclasses.replace(cfg, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking_uri))
     model = resolve_model(cfg.model_uri, cfg.tracking_uri)
+    sizing = replica_sizing(cfg, capacity())
+    cfg = dataclasses.replace(
+        cfg, max_replicas=sizing.replicas, replica_threads=sizing.threads, member_cpus=sizing.cpus
+    )
+    logging.getLogger("ray.serve").info("model replicas: %s", sizing)
     actor = {"num_cpus": cfg.member_cpus, **({"num_gpus": cfg.member_gpus} if cfg.member_gpus else {})}
     segmenter = SegmentationModel.options(
         autoscaling_config=autoscaling(cfg, cfg.min_replicas),

@@ -37,6 +37,7 @@ from pipelines import tracking
 from pipelines.cli import main
 from pipelines.errors import UserError
 from pipelines.inference.core import InferenceSettings, predict_image
+from pipelines.preflight import Capacity
 from pipelines.serve import (
     APP_NAME,
     CRFRefiner,
@@ -47,6 +48,7 @@ from pipelines.serve import (
     start_server,
     stop_server,
 )
+from pipelines.serve.config import ReplicaSizing, replica_sizing
 from pipelines.serve.refs import ModelRef
 from pipelines.serve.render import Dense
 from pipelines.serve.uploads import ApiError, decode_upload
@@ -173,6 +175,30 @@ def test_app_args_are_typed_and_checked():
         config_from_args({"model_uri": "x", "max_replicas": "many"})
     with pytest.raises(UserError, match="min-replicas"):
         ServeConfig(model_uri="x", min_replicas=3, max_replicas=2)
+
+
+@pytest.mark.parametrize(
+    "node_cpus, nodes, crf, replicas, threads, cpus",
+    [
+        (2, 1, False, 1, 2, 1.75),  # this machine: both cores, the ingress's quarter left free
+        (2, 1, True, 1, 2, 0.75),  # ... and a whole CPU for one CRF replica
+        (8, 1, False, 2, 3, 3.0),  # 6 of 8 cores: one in eight for the proxy and ingress, 7 -> 2 x 3
+        (16, 3, False, 12, 3, 3.0),  # 14 -> 4 x 3 per node, on each of three nodes
+        (64, 1, False, 14, 4, 4.0),
+        (1, 1, False, 1, 1, 0.75),
+    ],
+)
+def test_replicas_and_threads_are_sized_from_the_nodes(node_cpus, nodes, crf, replicas, threads, cpus):
+    capacity = Capacity(cpus=node_cpus * nodes, gpus=0, node_cpus=node_cpus, node_gpus=0)
+    sizing = replica_sizing(ServeConfig(model_uri="x", crf=crf), capacity)
+    assert (sizing.replicas, sizing.threads, sizing.cpus) == (replicas, threads, cpus)
+    assert sizing.replicas * sizing.threads <= nodes * node_cpus
+    assert sizing.replicas // nodes * sizing.cpus + 0.25 + crf <= node_cpus  # all of a node's set fits on it
+    # What the config sets is kept; GPU replicas: as many as the GPUs hold, one torch thread each.
+    set_by_hand = ServeConfig(model_uri="x", max_replicas=3, member_cpus=0.5)
+    assert replica_sizing(set_by_hand, capacity) == ReplicaSizing(replicas=3, threads=1, cpus=0.5)
+    gpus = Capacity(cpus=16, gpus=2, node_cpus=16, node_gpus=2)
+    assert replica_sizing(ServeConfig(model_uri="x", member_gpus=0.5), gpus) == ReplicaSizing(4, 1, 1.0)
 
 
 def test_the_cluster_serve_config_args_are_accepted():
