@@ -69,8 +69,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="model folder, runs:/RUN_ID/model or models:/NAME/VERSION|@ALIAS: copy its tensors that match "
         "by name and shape before training (e.g. fcn16s from a trained fcn32s); not applied on resume",
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="images per worker per step")
+    p.add_argument("--epochs", type=int, help="passes over the train split (replaces the recipe's max_iters)")
+    p.add_argument(
+        "--max-iters", type=int, help="optimiser steps, the papers' unit (replaces the recipe's epochs)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per optimiser step over all workers; each worker runs batch / (workers x iter-size)",
+    )
+    p.add_argument("--iter-size", type=int, help="micro-batches accumulated per step (Caffe's iter_size)")
     p.add_argument("--crop", type=int, help="training crop size in pixels")
     p.add_argument("--lr", type=float, help="base learning rate")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (one per GPU with --use-gpu)")
@@ -104,7 +112,9 @@ def _run_train(args: argparse.Namespace) -> None:
         pretrained=args.pretrained,
         init_from=args.init_from,
         epochs=args.epochs,
+        max_iters=args.max_iters,
         batch_size=args.batch_size,
+        iter_size=args.iter_size,
         crop=args.crop,
         lr=args.lr,
         num_workers=args.num_workers,

@@ -99,7 +99,7 @@ def schedule_epochs(cfg: TrainConfig, rows: int) -> int:
     steps = cfg.steps_per_epoch(rows)
     if steps < 1:
         raise UserError(
-            f"the train split has {rows} training images, fewer than one step of "
+            f"the {cfg.train_split!r} split has {rows} training images, fewer than one step of "
             f"batch_size {cfg.batch_size} ({cfg.num_workers} worker(s) x iter_size {cfg.iter_size} x "
             f"{cfg.micro_batch_size} images); lower --batch-size"
         )
@@ -130,7 +130,7 @@ def resolve(cfg: TrainConfig):
                 f"re-run `segpipe prepare --splits train,val`"
             )
     check_model(cfg, data.num_classes)
-    epochs = schedule_epochs(cfg, data.manifest.splits["train"].rows)
+    epochs = schedule_epochs(cfg, data.manifest.splits[cfg.train_split].rows)
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     tracking.check_server(uri)
     run_name = cfg.run_name or f"{cfg.model}-{data.manifest.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -194,11 +194,13 @@ def run_trial(config: dict[str, Any]) -> None:
     train(cfg, callbacks=[TuneReportCallback()])
 
 
-def _tuner(search: SearchConfig, a: ArchSearch, *, parent_run_id: str, storage: str, tune_name: str):
+def _tuner(
+    search: SearchConfig, a: ArchSearch, *, epochs: int, parent_run_id: str, storage: str, tune_name: str
+):
+    """`epochs`: a trial's epochs (resolved: a max_iters base gives them only with the split's size)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    epochs = int(a.base.get("epochs", TrainConfig.epochs))
     scheduler = FIFOScheduler()
     if search.scheduler == "asha":
         # max_t one past the last epoch: ASHA stops any trial that reaches max_t the moment it reports, which
@@ -334,10 +336,13 @@ def tune_search(
     )
     summary: dict[str, Any] = {"parent_run_id": parent_id, "architectures": {}}
     try:
-        for a in archs:
+        for a, corner in zip(archs, corners, strict=True):
             started = time.perf_counter()
             tune_name = f"{search.name}-{a.arch}"
-            grid = _tuner(search, a, parent_run_id=parent_id, storage=storage, tune_name=tune_name).fit()
+            tuner = _tuner(
+                search, a, epochs=corner.epochs, parent_run_id=parent_id, storage=storage, tune_name=tune_name
+            )
+            grid = tuner.fit()
             arch_summary = _summarise(client, search, tune_name, parent_id, grid)
             arch_summary["seconds"] = time.perf_counter() - started
             summary["architectures"][a.arch] = arch_summary

@@ -101,7 +101,7 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_killed_worker_restarts_from_checkpoint(tiny_config, mlflow_uri, tmp_path):
-    cfg = tiny_config(epochs=4, run_name="fault", num_workers=2, batch_size=2, cpus_per_worker=0.5)
+    cfg = tiny_config(epochs=4, run_name="fault", num_workers=2, batch_size=4, cpus_per_worker=0.5)
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=train(cfg)), daemon=True)
     thread.start()
@@ -251,7 +251,7 @@ cluster.shutdown()
 def test_two_workers_on_two_nodes(tiny_config, tmp_path, mlflow_uri):
     """A 2-node ray.cluster_utils.Cluster (in its own process) with 3 CPUs per node and 2 CPUs per worker:
     two workers cannot share a node, so DDP (gloo) runs across both; the spare CPU feeds Ray Data."""
-    cfg = tiny_config(epochs=2, run_name="multinode", num_workers=2, batch_size=2, cpus_per_worker=2.0)
+    cfg = tiny_config(epochs=2, run_name="multinode", num_workers=2, batch_size=4, cpus_per_worker=2.0)
     proc = subprocess.run(
         [sys.executable, "-c", MULTINODE, json.dumps(cfg.to_dict())],
         capture_output=True,
