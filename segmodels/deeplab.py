@@ -18,8 +18,8 @@ each feed a two-layer MLP (3x3 conv 128 + ReLU + dropout, 1x1 conv 128 + ReLU + 
 channels join fc8's input. Concatenating 5 x 128 channels before the linear fc8 equals summing a 1x1 to C
 per branch with fc8's output, which is how it is built here. The 3x3 conv strides (8, 4, 2, 1, 1) bring
 every branch to output stride 8, as in the released train.prototxt (DeepLab-MSc-LargeFOV, which has
-pool5a too). Its test.prototxt differs: stride-1 branch convs, each branch's scores zoomed to the input
-(x1, x2, x4, x8, x8) before the sum; segpipe keeps the training geometry at test time.
+pool5a too). Its test.prototxt, which `release=True` follows, runs the branch convs at stride 1 instead
+and zooms every score map (branches x1, x2, x4, x8, x8; fc8 x8) onto the canvas before the sum.
 """
 
 from __future__ import annotations
@@ -93,7 +93,10 @@ class DeepLabLargeFOV(SegmentationModel):
             self.multiscale = nn.ModuleDict(
                 {
                     name: msc_branch(
-                        self.in_channels if ch is None else scaled(ch, width), hidden, num_classes, stride
+                        self.in_channels if ch is None else scaled(ch, width),
+                        hidden,
+                        num_classes,
+                        1 if release else stride,
                     )
                     for name, ch, stride in MSC_SOURCES
                 }
@@ -106,14 +109,17 @@ class DeepLabLargeFOV(SegmentationModel):
             n, m = (max(RELEASE_SCORES, -(-(side - 1) // 8) + 1) for side in (height, width))
             x = F.pad(x, (0, 8 * m - 7 - width, 0, 8 * n - 7 - height))
         pools = self.features.pool_outputs(x)
-        logits = self.fc8(self.fc7(self.fc6(self.pool5a(pools[-1]))))
+        scores = [self.fc8(self.fc7(self.fc6(self.pool5a(pools[-1]))))]
         if self.multiscale is not None:
-            for branch, source in zip(self.multiscale.values(), [x, *pools[:4]], strict=True):
-                logits = logits + branch(source)
-        if self.release:
-            zoomed = F.interpolate(logits, size=(8 * n - 7, 8 * m - 7), mode="bilinear", align_corners=True)
-            return zoomed[..., :height, :width]
-        return resize_to(logits, (height, width))
+            sources = [x, *pools[:4]]
+            scores += [
+                branch(source) for branch, source in zip(self.multiscale.values(), sources, strict=True)
+            ]
+        if self.release:  # every score map zoomed corner-aligned onto the canvas (Interp), then summed
+            canvas = x.shape[-2:]
+            zoomed = [F.interpolate(s, size=canvas, mode="bilinear", align_corners=True) for s in scores]
+            return sum(zoomed)[..., :height, :width]
+        return resize_to(sum(scores), (height, width))
 
 
 @register_model

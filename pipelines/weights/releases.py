@@ -144,7 +144,11 @@ def _vgg_trunk(out: Converted, source: dict[str, torch.Tensor]) -> None:
 
 def map_deeplab(source: dict[str, torch.Tensor], arch: str) -> Converted:
     """DeepLab-LargeFOV .caffemodel: conv1_1..conv5_3, fc6 (3x3, rate 12), fc7, fc8_<dataset> (fc8_voc12);
-    run as its test.prototxt runs (`release`: the 513 x 513 mean-padded canvas, the x8 Interp zoom)."""
+    DeepLab-MSc-LargeFOV when it also has the branches <source>_conv, <source>_fc, <source>_ms for the
+    sources data, pool1..pool4. Run as its test.prototxt runs (`release`: the 513 x 513 mean-padded
+    canvas, the Interp zooms)."""
+    from segmodels.deeplab import MSC_SOURCES
+
     out = Converted(arch="deeplab_largefov", convention=DEEPLAB_BGR, model_args={"release": True})
     _vgg_trunk(out, source)
     fc8 = sorted({k.split(".")[0] for k in source if k.startswith("fc8")})
@@ -153,6 +157,12 @@ def map_deeplab(source: dict[str, torch.Tensor], arch: str) -> Converted:
     for layer in fc8:
         for p in ("weight", "bias"):
             out.take(source, f"{layer}.{p}", f"fc8.{p}")
+    for name, *_ in MSC_SOURCES:
+        for layer, dst in (("conv", "0.0"), ("fc", "1.0"), ("ms", "2")):
+            for p in ("weight", "bias"):
+                out.take(source, f"{name}_{layer}.{p}", f"multiscale.{name}.{dst}.{p}")
+    if any(k.startswith("multiscale.") for k in out.state):
+        out.model_args["msc"] = True
     return out
 
 

@@ -223,22 +223,40 @@ def caffe_interp_zoom(x: torch.Tensor, zoom: int, size: tuple[int, int]) -> torc
     return rows[..., c0] * (1 - b) + rows[..., c1] * b
 
 
-def test_deeplab_largefov_release_imports_and_matches(tmp_path, images) -> None:
-    """DeepLab-LargeFOV test.prototxt (legacy `layers` file): the image data layer pads the image at the
-    bottom/right with the mean to crop_size 513; pools 3x3 s2 p1 x3, s1 p1 x2, conv5 hole 2, pool5a
+# DeepLab-MSc-LargeFOV's branches: (source, its channels at 1/W, Interp zoom_factor onto the canvas).
+MSC_BRANCHES = [("data", 3, 1), ("pool1", 64 // W, 2), ("pool2", 128 // W, 4)]
+MSC_BRANCHES += [("pool3", 256 // W, 8), ("pool4", 512 // W, 8)]
+
+
+@pytest.mark.parametrize("msc", [False, True], ids=["largefov", "msc_largefov"])
+def test_deeplab_release_imports_and_matches(tmp_path, images, msc) -> None:
+    """DeepLab-(MSc-)LargeFOV test.prototxt (legacy `layers` file): the image data layer pads the image at
+    the bottom/right with the mean to crop_size 513; pools 3x3 s2 p1 x3, s1 p1 x2, conv5 hole 2, pool5a
     (AVE 3x3 s1 p1), fc6 3x3 hole 12 (1024), fc7, fc8_voc12 (65 x 65 scores), fc8_interp (Interp,
-    zoom_factor 8: 513 x 513), cropped to the image. Compared blob by blob at pool5, pool5a and fc8."""
+    zoom_factor 8: 513 x 513), cropped to the image. MSc: data and pool1..pool4 each through
+    <source>_conv (3x3 pad 1, stride 1 in test.prototxt) + ReLU, <source>_fc (1x1) + ReLU, <source>_ms
+    (1x1 to C), zoomed x1/x2/x4/x8/x8 and summed with fc8_interp (fc_fusion). Compared blob by blob too;
+    one image, as every image costs a 513 x 513 forward."""
+    images = images[:1]
     gen = torch.Generator().manual_seed(3)
     blobs = vgg_blobs(gen, fc=0)
     blobs["fc6"] = [rand(1024 // W, 512 // W, 3, 3, gen=gen), torch.randn(1024 // W, generator=gen) * 0.1]
     blobs["fc7"] = [rand(1024 // W, 1024 // W, 1, 1, gen=gen), torch.randn(1024 // W, generator=gen) * 0.1]
     blobs["fc8_voc12"] = [rand(C, 1024 // W, 1, 1, gen=gen), torch.randn(C, generator=gen)]
+    hidden = 128 // W
+    for name, channels, _ in MSC_BRANCHES if msc else []:
+        blobs[f"{name}_conv"] = [
+            rand(hidden, channels, 3, 3, gen=gen),
+            torch.randn(hidden, generator=gen) * 0.1,
+        ]
+        blobs[f"{name}_fc"] = [rand(hidden, hidden, 1, 1, gen=gen), torch.randn(hidden, generator=gen) * 0.1]
+        blobs[f"{name}_ms"] = [rand(C, hidden, 1, 1, gen=gen), torch.randn(C, generator=gen)]
     path = tmp_path / "train2_iter_8000.caffemodel"
     write_caffemodel(path, blobs, legacy=True)
     summary = import_weights(
         ImportConfig(arch="deeplab_largefov", source=str(path), out=str(tmp_path / "model"))
     )
-    assert summary["model_args"] == {"release": True, "width": 1 / W}
+    assert summary["model_args"] == {"release": True, "width": 1 / W, **({"msc": True} if msc else {})}
     x = (
         torch.from_numpy(images[..., ::-1].copy()).float() - torch.tensor([104.008, 116.669, 122.675])
     ).permute(0, 3, 1, 2)
@@ -246,31 +264,43 @@ def test_deeplab_largefov_release_imports_and_matches(tmp_path, images) -> None:
     reference = {}
     with torch.no_grad():
         y = F.pad(x, (0, 513 - w, 0, 513 - h))  # the mean value, 0 once subtracted
+        sources = {"data": y}
         for index, stage in enumerate(VGG_STAGES):
             for name, *_ in stage:
                 rate = 2 if index == 4 else 1
                 y = F.relu(F.conv2d(y, *blobs[name], padding=rate, dilation=rate))
-            y = caffe_max_pool(y, 3, 2 if index < 3 else 1, 1)
+            y = sources[f"pool{index + 1}"] = caffe_max_pool(y, 3, 2 if index < 3 else 1, 1)
         reference["pool5"] = y
         y = reference["pool5a"] = caffe_ave_pool(y, 3, 1, 1)
         y = F.relu(F.conv2d(y, *blobs["fc6"], padding=12, dilation=12))
         y = reference["fc8"] = F.conv2d(F.relu(F.conv2d(y, *blobs["fc7"])), *blobs["fc8_voc12"])
         assert y.shape[-2:] == (65, 65)  # 513 -> 257 -> 129 -> 65, zoomed x8 to 65 + 64 * 7 = 513
         logits = caffe_interp_zoom(y, 8, (h, w))
+        for name, _, zoom in MSC_BRANCHES if msc else []:
+            b = F.relu(F.conv2d(sources[name], *blobs[f"{name}_conv"], padding=1))
+            b = reference[f"{name}_ms"] = F.conv2d(
+                F.relu(F.conv2d(b, *blobs[f"{name}_fc"])), *blobs[f"{name}_ms"]
+            )
+            assert b.shape[-1] + (b.shape[-1] - 1) * (zoom - 1) == 513
+            logits = logits + caffe_interp_zoom(b, zoom, (h, w))
 
     network = load_model_dir(tmp_path / "model").ensemble.members[0].network
-    pool5 = network.features[network.features.pool_indices[-1]]
-    blob_of = {"pool5": pool5, "pool5a": network.pool5a, "fc8": network.fc8}
+    blob_of = {
+        "pool5": network.features[network.features.pool_indices[-1]],
+        "pool5a": network.pool5a,
+        "fc8": network.fc8,
+        **({f"{name}_ms": network.multiscale[name][-1] for name, *_ in MSC_BRANCHES} if msc else {}),
+    }
     seen = {}
     hooks = [
         m.register_forward_hook(lambda _, __, out, k=k: seen.setdefault(k, out)) for k, m in blob_of.items()
     ]
     with torch.no_grad():
-        network(x[:1])
+        network(x)
     for hook in hooks:
         hook.remove()
     for name, blob in reference.items():
-        assert (seen[name] - blob[:1]).abs().max() <= 1e-4 * blob.abs().max(), name
+        assert (seen[name] - blob).abs().max() <= 1e-4 * blob.abs().max(), name
     assert_same_prediction(tmp_path / "model", images, logits, x)
 
 
