@@ -5,6 +5,8 @@ aggregates them. segpipe takes the proposals a user computed with the method of 
 selective search, a detector) as one JSON file: `{"<image_id>": [[x1, y1, x2, y2], ...], ...}`, pixel boxes
 of the original image, best first, end-exclusive; an optional fifth number per box (a score) is ignored.
 The image id is the prepared dataset's `image_id`, or for a folder the file's path without extension.
+As DeconvNet's release, boxes whose shorter side is under 112 pixels are skipped and the first 50 of the
+rest are segmented (`segmodels.instance.select_boxes`); an image left without boxes is one whole-image box.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DeconvNet's instance-wise inference from a proposals file, EDeconvNet's averaging, and frozen layers."""
+"""DeconvNet's instance-wise inference from a proposals file, EDeconvNet's release rule, and frozen layers."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pipelines.inference.core import InferenceSettings, predict_image
 from pipelines.inference.proposals import check_covered, clip_boxes, load_proposals
 from pipelines.train.loop import freeze
 from segmodels.artifact import MemberSpec, ModelSpec, load_model_dir, save_model_dir
-from segmodels.inference import predict_whole
-from segmodels.instance import instance_wise_predict
+from segmodels.ensemble import edeconvnet_probs, predict_scores
+from segmodels.instance import instance_wise_scores
 
 CLASSES = 3
 
@@ -67,21 +67,22 @@ def edeconvnet_folder(tmp_path):
     return save_model_dir(tmp_path / "model", spec, states)
 
 
-def test_instance_mode_runs_deconvnet_on_proposals_and_averages_fcn8s(tmp_path) -> None:
+def test_instance_mode_runs_deconvnet_on_proposals_combined_with_fcn8s_as_released(tmp_path) -> None:
     model = load_model_dir(edeconvnet_folder(tmp_path))
-    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    boxes = ((0, 0, 40, 30), (20, 10, 64, 48), (-8, 5, 30, 60))
+    image = np.random.default_rng(0).integers(0, 255, (150, 160, 3), dtype=np.uint8)
+    # The small box is skipped (shorter side < 112 px); the third is cut to the image; top 2 of the rest.
+    boxes = ((0, 0, 100, 150), (0, 0, 120, 130), (-8, 20, 150, 160), (40, 0, 160, 150))
     settings = InferenceSettings(proposals={"img": boxes}, top_k=2)
     probs = predict_image(model, image, settings, "img")
 
     x = model.normalize(torch.from_numpy(image[None].copy()))
     deconv, fcn = model.ensemble.members
-    expected = 0.5 * instance_wise_predict(deconv, x, [(0, 0, 40, 30), (20, 10, 64, 48)], top_k=2)
-    expected += 0.5 * predict_whole(fcn, x)[0]
-    assert probs.shape == (CLASSES, 48, 64)
+    kept = [(0, 0, 120, 130), (0, 20, 150, 150)]
+    expected = edeconvnet_probs(instance_wise_scores(deconv, x, kept), predict_scores(fcn, x)[0])
+    assert probs.shape == (CLASSES, 150, 160)
     np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)
     whole = predict_image(model, image, InferenceSettings())
-    assert not np.allclose(probs, whole, atol=1e-4)  # the proposals changed DeconvNet's part
+    assert not np.allclose(probs, whole, atol=1e-4)  # the proposals and the release's rule changed it
     with pytest.raises(UserError, match="drop --tta, --flip and --slide"):
         InferenceSettings(proposals={}, flip=True)
 
