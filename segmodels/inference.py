@@ -274,9 +274,13 @@ def _predict_views(
             )
             for flipped in (False, True) if flip else (False,):
                 for y1, x1, probs in _view_windows(model, image, size, flipped, window, 1 / views):
+                    whole_view = probs.shape[-2:] == size
+                    if total is None and whole_view and size == (height, width):
+                        total = probs.to(out_dtype).contiguous()  # the first view as is: no copy on CPU
+                        continue
                     if total is None:
                         total = image.new_zeros(n, probs.shape[1], height, width, dtype=out_dtype)
-                    if probs.shape[-2:] == size and size != (height, width):  # a window covering the view
+                    if whole_view:
                         total += F.interpolate(
                             probs, size=(height, width), mode="bilinear", align_corners=False
                         )
