@@ -41,13 +41,19 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "reproduce",
         help="a paper's training procedure as one resumable job (--list shows the recipes)",
         description="Run a paper's stages (pipelines/configs/reproduce/RECIPE.yaml) on a prepared dataset, "
-        "each an MLflow child run; register the result (alias `reproduced`), score it on val and print it "
-        "beside the published number. Re-running continues from the first unfinished stage.",
+        "each an MLflow child run; register the result (alias `reproduced`), score it on the paper's split "
+        "with its test-time procedure and print it beside the published number for that split. "
+        "Re-running continues from the first unfinished stage.",
     )
     p.add_argument("recipe", nargs="?", help="recipe name, e.g. fcn, deeplab, dilation, deconvnet")
     p.add_argument("--list", action="store_true", help="show every recipe, its stages and published numbers")
-    p.add_argument("--data", help="prepared dataset folder or s3:// prefix (needs train and val)")
+    p.add_argument("--data", help="prepared dataset folder or s3:// prefix (with the recipe's splits)")
     p.add_argument("--tiny", action="store_true", help="narrow networks, small crops, one epoch: a smoke run")
+    p.add_argument(
+        "--multi-scale",
+        action="store_true",
+        help="score with the paper's multi-scale test as well (PSPNet: 0.5-1.75, as hszhao/semseg)",
+    )
     p.add_argument("--pretrained", help="ImageNet backbone weights for the stages that start from them")
     p.add_argument("--proposals", help="object proposals JSON for instance-wise scoring (DeconvNet)")
     p.add_argument(
@@ -67,11 +73,18 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
 def _run_reproduce(args: argparse.Namespace) -> None:
     from pipelines.config import make_config, parse_key_values
     from pipelines.errors import UserError
-    from pipelines.jobs.reproduce import ReproduceConfig, list_rows, reproduce
+    from pipelines.jobs.reproduce import (
+        LIST_HEADERS,
+        TABLE_HEADERS,
+        ReproduceConfig,
+        list_rows,
+        reproduce,
+        table_row,
+    )
     from pipelines.report import format_table
 
     if args.list:
-        print(format_table(["recipe", "paper", "stages", "published mIoU"], list_rows()))
+        print(format_table(LIST_HEADERS, list_rows()))
         return
     if not args.recipe or not args.data:
         raise UserError("give a RECIPE and --data PREPARED (segpipe reproduce --list shows the recipes)")
@@ -79,6 +92,7 @@ def _run_reproduce(args: argparse.Namespace) -> None:
         "recipe": args.recipe,
         "data": args.data,
         "tiny": args.tiny,
+        "multi_scale": args.multi_scale,
         "pretrained": args.pretrained,
         "proposals": args.proposals,
         "train_overrides": parse_key_values(args.set, option="--set"),
@@ -94,21 +108,9 @@ def _run_reproduce(args: argparse.Namespace) -> None:
     for stage, info in result["stages"].items():
         print(f"{stage:12s} {info['seconds']:8.1f} s  {info['output']['model_uri']}")
     table = result["table"]
-    published = table["published"] or {}
-    print(
-        format_table(
-            ["recipe", "published", "published split", "ours", "our split"],
-            [
-                [
-                    table["recipe"],
-                    published.get("miou", "-"),
-                    published.get("split", "-"),
-                    table["ours"]["miou"],
-                    table["ours"]["split"],
-                ]
-            ],
-        )
-    )
+    print(format_table(TABLE_HEADERS, [table_row(table)]))
+    if table["note"]:
+        print(f"note: {table['note']}")
     print(f"model: {result['model_uri']}")
     write_json(args.json_out, result)
 
