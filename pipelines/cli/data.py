@@ -62,7 +62,11 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, help="where to write the prepared dataset: folder or s3://bucket/prefix"
     )
-    p.add_argument("--splits", default="", help="comma-separated splits (default: train,val)")
+    p.add_argument(
+        "--splits",
+        default="",
+        help="comma-separated splits (default: train,val; voc_aug: train_aug,val,sbd_train,seg11valid)",
+    )
     p.add_argument(
         "--max-side", type=int, help="downscale so the longer side is at most this (default: keep sizes)"
     )

@@ -6,7 +6,8 @@ will be used:
 
 - `voc`: VOCdevkit/VOC2012 with JPEGs, palette PNG labels with a 5-px void (255) band on every object
   border, ImageSets/Segmentation/{train,val,trainval}.txt.
-- `voc_aug`: SBD's benchmark_RELEASE/dataset with img/*.jpg, cls/*.mat (GTcls.Segmentation), {train,val}.txt.
+- `voc_aug`: VOCdevkit/VOC2012 as above beside SBD's benchmark_RELEASE/dataset (img/*.jpg, cls/*.mat with
+  GTcls.Segmentation, {train,val}.txt), their lists overlapping as the real ones do (see `voc_aug_ids`).
 - `coco`: {train,val}2017/*.jpg and annotations/instances_{split}2017.json: the 80 real category ids
   (1-90 with gaps), polygon instances that may overlap, and crowd regions as uncompressed RLE.
 - `cityscapes`: leftImg8bit/ + gtFine/ per split and city, with _labelIds, _color, _instanceIds PNGs and
@@ -147,40 +148,89 @@ def _voc_ids(cfg: SynthConfig) -> dict[str, list[str]]:
     return {"train": ids[: cfg.num_train], "val": ids[cfg.num_train :]}
 
 
-def write_voc(cfg: SynthConfig, rng: np.random.Generator) -> Path:
+def write_voc_sample(base: Path, image_id: str, image: Image.Image, label: np.ndarray) -> None:
+    """VOC2012's JPEGImages/{id}.jpg and palette PNG SegmentationClass/{id}.png (with the void band)."""
     from pipelines.data.layouts.voc import voc_colormap
 
+    _save(image, base / "JPEGImages" / f"{image_id}.jpg", quality=90)
+    png = Image.fromarray(void_band(label))  # putpalette makes it a "P" image
+    png.putpalette([v for colour in voc_colormap() for v in colour])
+    _save(png, base / "SegmentationClass" / f"{image_id}.png")
+
+
+def write_sbd_sample(base: Path, image_id: str, image: Image.Image, label: np.ndarray) -> None:
+    """SBD's img/{id}.jpg and cls/{id}.mat (MATLAB struct GTcls: Segmentation, CategoriesPresent)."""
+    import scipy.io
+
+    _save(image, base / "img" / f"{image_id}.jpg", quality=90)
+    present = np.unique(label[label > 0]).astype(np.uint8)
+    gtcls = {"Segmentation": label, "CategoriesPresent": present}
+    (base / "cls").mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(base / "cls" / f"{image_id}.mat", {"GTcls": gtcls}, do_compression=True)
+
+
+def write_lists(folder: Path, splits: dict[str, list[str]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, ids in splits.items():
+        (folder / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+
+
+def write_voc(cfg: SynthConfig, rng: np.random.Generator) -> Path:
     base = Path(cfg.out) / "VOCdevkit" / "VOC2012"
-    palette = [v for colour in voc_colormap() for v in colour]
     splits = _voc_ids(cfg)
     for image_id in splits["train"] + splits["val"]:
-        image, label = voc_scene(cfg, rng)
-        _save(image, base / "JPEGImages" / f"{image_id}.jpg", quality=90)
-        png = Image.fromarray(void_band(label))  # putpalette makes it a "P" image
-        png.putpalette(palette)
-        _save(png, base / "SegmentationClass" / f"{image_id}.png")
-    lists = base / "ImageSets" / "Segmentation"
-    lists.mkdir(parents=True, exist_ok=True)
-    splits["trainval"] = splits["train"] + splits["val"]
-    for split, ids in splits.items():
-        (lists / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        write_voc_sample(base, image_id, *voc_scene(cfg, rng))
+    write_lists(base / "ImageSets" / "Segmentation", {**splits, "trainval": splits["train"] + splits["val"]})
     return Path(cfg.out)
 
 
-def write_voc_aug(cfg: SynthConfig, rng: np.random.Generator) -> Path:
-    import scipy.io
+def voc_aug_ids(cfg: SynthConfig) -> dict[str, list[str]]:
+    """VOC12 train/val and SBD train/val lists that overlap as the real ones do.
 
-    base = Path(cfg.out) / "benchmark_RELEASE" / "dataset"
-    splits = _voc_ids(cfg)
-    (base / "cls").mkdir(parents=True, exist_ok=True)
-    for image_id in splits["train"] + splits["val"]:
+    VOC12 train: `num_train` ids, every third also in SBD train and the next also in SBD val (annotated twice,
+    differently). VOC12 val: `num_val` ids, the first half real seg11valid ids found only in VOC, the rest
+    alternately in SBD train (so train_aug must leave them out) and SBD val. SBD alone: `num_train` ids,
+    alternately train and val. With num_train >= 3 and num_val >= 2 every case occurs.
+    """
+    from pipelines.data.layouts.voc import seg11valid_ids
+
+    # Numbered from 900000, beyond every real id's number, so they never collide with seg11valid's.
+    fake = [f"{2008 + k % 4}_{900000 + k:06d}" for k in range(2 * cfg.num_train + cfg.num_val)]
+    seg11 = (cfg.num_val + 1) // 2
+    voc_train = fake[: cfg.num_train]
+    val_shared = fake[cfg.num_train : cfg.num_train + cfg.num_val - seg11]
+    sbd_only = fake[cfg.num_train + cfg.num_val - seg11 : 2 * cfg.num_train + cfg.num_val - seg11]
+    return {
+        "voc_train": sorted(voc_train),
+        "voc_val": sorted(seg11valid_ids()[:seg11] + val_shared),
+        "sbd_train": sorted(voc_train[0::3] + val_shared[0::2] + sbd_only[0::2]),
+        "sbd_val": sorted(voc_train[1::3] + val_shared[1::2] + sbd_only[1::2]),
+    }
+
+
+def sbd_annotation(label: np.ndarray) -> np.ndarray:
+    """SBD's own annotation of an image VOC also labels: objects 4 px wider, beyond VOC's 2-px void band,
+    so the two sources disagree on class pixels, not only on void."""
+    return np.asarray(Image.fromarray(label).filter(ImageFilter.MaxFilter(9)))
+
+
+def write_voc_aug(cfg: SynthConfig, rng: np.random.Generator) -> Path:
+    voc = Path(cfg.out) / "VOCdevkit" / "VOC2012"
+    sbd = Path(cfg.out) / "benchmark_RELEASE" / "dataset"
+    ids = voc_aug_ids(cfg)
+    in_voc = set(ids["voc_train"] + ids["voc_val"])
+    in_sbd = set(ids["sbd_train"] + ids["sbd_val"])
+    for image_id in sorted(in_voc | in_sbd):
         image, label = voc_scene(cfg, rng)
-        _save(image, base / "img" / f"{image_id}.jpg", quality=90)
-        present = np.unique(label[label > 0]).astype(np.uint8)
-        gtcls = {"Segmentation": label, "CategoriesPresent": present}
-        scipy.io.savemat(base / "cls" / f"{image_id}.mat", {"GTcls": gtcls}, do_compression=True)
-    for split, ids in splits.items():
-        (base / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        if image_id in in_voc:
+            write_voc_sample(voc, image_id, image, label)
+        if image_id in in_sbd:
+            write_sbd_sample(sbd, image_id, image, sbd_annotation(label) if image_id in in_voc else label)
+    write_lists(
+        voc / "ImageSets" / "Segmentation",
+        {"train": ids["voc_train"], "val": ids["voc_val"], "trainval": sorted(in_voc)},
+    )
+    write_lists(sbd, {"train": ids["sbd_train"], "val": ids["sbd_val"]})
     return Path(cfg.out)
 
 

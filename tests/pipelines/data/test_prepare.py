@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -15,6 +16,7 @@ import scipy.io
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 
+import pipelines.data
 from pipelines.cli import build_parser, main
 from pipelines.data.dataset import COLUMNS, decode_image, decode_mask, open_prepared
 from pipelines.data.layouts import LAYOUTS, get_layout
@@ -87,13 +89,13 @@ def check_manifest(out, dataset: str, classes) -> None:
     assert (Path(out) / "quarantine.jsonl").read_text() == ""
 
 
-@pytest.mark.parametrize("dataset", ["voc", "voc_aug", "cityscapes"])
+@pytest.mark.parametrize("dataset", ["voc", "cityscapes"])
 def test_exact_rows_and_mask_round_trip(dataset, sources, tmp_path, ray_session):
     src = sources["voc" if dataset == "voc" else dataset]
     result = run(dataset, src, tmp_path / "out")
     assert result.published and result.quarantined == 0
     assert {s: r.rows for s, r in result.splits.items()} == {"train": NUM_TRAIN, "val": NUM_VAL}
-    layout_classes = {"voc": VOC_CLASSES, "voc_aug": VOC_CLASSES, "cityscapes": PUBLISHED_CITYSCAPES_CLASSES}
+    layout_classes = {"voc": VOC_CLASSES, "cityscapes": PUBLISHED_CITYSCAPES_CLASSES}
     check_manifest(tmp_path / "out", dataset, layout_classes[dataset])
     prepared = open_prepared(tmp_path / "out")
     for split in ("train", "val"):
@@ -104,7 +106,7 @@ def test_exact_rows_and_mask_round_trip(dataset, sources, tmp_path, ray_session)
             if dataset == "cityscapes":
                 image_bytes, mask = expected_cityscapes(src, image_id, split)
             else:
-                image_bytes, mask = (expected_voc if dataset == "voc" else expected_voc_aug)(src, image_id)
+                image_bytes, mask = expected_voc(src, image_id)
             assert set(row) == set(COLUMNS)
             assert row["image"] == image_bytes  # passed through untouched
             if dataset == "voc":  # a valid source label PNG is kept as it is, not re-encoded
@@ -114,6 +116,56 @@ def test_exact_rows_and_mask_round_trip(dataset, sources, tmp_path, ray_session)
             assert decode_image(row["image"]).shape == (row["height"], row["width"], 3) == (*mask.shape, 3)
             pixels += np.bincount(mask[mask != 255], minlength=prepared.num_classes)
         assert prepared.manifest.splits[split].class_pixels == tuple(pixels)
+
+
+def test_voc_aug_papers_splits_and_the_voc_label_wins(sources, tmp_path, ray_session):
+    src = sources["voc_aug"]
+    voc_lists = src / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    sbd_lists = src / "benchmark_RELEASE" / "dataset"
+    voc_train, voc_val = (set((voc_lists / f"{s}.txt").read_text().split()) for s in ("train", "val"))
+    sbd_train, sbd_val = (set((sbd_lists / f"{s}.txt").read_text().split()) for s in ("train", "val"))
+    fcn_seg11valid = set(
+        (Path(pipelines.data.__file__).parent / "lists" / "seg11valid.txt").read_text().split()
+    )
+    # shared/PAPERS.md, "Datasets"; seg11valid restricted to the images this root has.
+    expected = {
+        "train_aug": (sbd_train | sbd_val | voc_train) - voc_val,
+        "val": voc_val,
+        "sbd_train": sbd_train,
+        "seg11valid": fcn_seg11valid & voc_val,
+    }
+    both = voc_train & (sbd_train | sbd_val)
+    assert both and voc_val & sbd_train and 0 < len(expected["seg11valid"]) < len(voc_val)  # the cases exist
+    result = run("voc_aug", src, tmp_path / "out")
+    assert result.quarantined == 0
+    assert {s: r.rows for s, r in result.splits.items()} == {s: len(ids) for s, ids in expected.items()}
+    for split, ids in expected.items():
+        rows = rows_by_id(tmp_path / "out", split)
+        assert set(rows) == ids, split
+        for image_id, row in rows.items():
+            # VOC12's PNG wins for an id in both sources; sbd_train keeps SBD's labels (FCN's data layer).
+            from_voc = split in ("val", "seg11valid") or (split == "train_aug" and image_id in voc_train)
+            image_bytes, mask = (expected_voc if from_voc else expected_voc_aug)(src, image_id)
+            assert row["image"] == image_bytes and np.array_equal(decode_mask(row["mask"]), mask)
+    train_aug, sbd_rows = rows_by_id(tmp_path / "out", "train_aug"), rows_by_id(tmp_path / "out", "sbd_train")
+    for image_id in both & sbd_train:  # the same image, two different labels: each split keeps its own
+        voc_mask, sbd_mask = decode_mask(train_aug[image_id]["mask"]), decode_mask(sbd_rows[image_id]["mask"])
+        assert (voc_mask == 255).any() and not (sbd_mask == 255).any()
+        assert (voc_mask[voc_mask != 255] != sbd_mask[voc_mask != 255]).any()
+    with pytest.raises(
+        UserError, match="no split 'train': choose from train_aug, val, sbd_train, seg11valid"
+    ):
+        get_layout("voc_aug").list_split(str(src), "train")
+
+
+def test_seg11valid_is_the_fcn_repositorys_list():
+    """fcn.berkeleyvision.org data/pascal/seg11valid.txt at commit 1305c73, byte for byte."""
+    data = (Path(pipelines.data.__file__).parent / "lists" / "seg11valid.txt").read_bytes()
+    assert (
+        hashlib.sha256(data).hexdigest() == "4ca991bd72c251fd2485eaa9e29536502ea3800d1b1c17c151fd6a04bcfbc2cc"
+    )
+    ids = data.decode().split()
+    assert len(ids) == len(set(ids)) == 736 and ids[:2] == ["2007_000033", "2007_000042"]
 
 
 def test_cityscapes_table_matches_the_published_one():
@@ -322,6 +374,7 @@ def no_ray(monkeypatch):
         ("voc", "voc", lambda r: shutil.rmtree(r), "does not exist"),
         ("voc", "voc", lambda r: (r / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").unlink(), "val.txt"),
         ("voc_aug", "voc_aug", lambda r: (r / "benchmark_RELEASE/dataset/train.txt").unlink(), "train.txt"),
+        ("voc_aug", "voc_aug", lambda r: shutil.rmtree(r / "VOCdevkit"), "voc_aug needs for split 'train_aug'"),
         ("coco", "coco", lambda r: (r / "annotations/instances_val2017.json").unlink(), "instances_val2017.json"),
         ("coco_voc", "coco", lambda r: (r / "annotations/instances_val2017.json").write_text('{"images": [{"id'),
          "not a COCO annotation file"),
@@ -416,8 +469,11 @@ def test_roots_at_every_published_depth(sources):
     expected = voc.list_split(str(sources["voc"]), "val")
     for deeper in ("VOCdevkit", "VOCdevkit/VOC2012"):
         assert voc.list_split(str(sources["voc"] / deeper), "val") == expected
-    samples, _ = sbd.list_split(str(sources["voc_aug"] / "benchmark_RELEASE" / "dataset"), "train")
-    assert samples == sbd.list_split(str(sources["voc_aug"]), "train")[0] and len(samples) == NUM_TRAIN
+    samples, _ = sbd.list_split(str(sources["voc_aug"] / "benchmark_RELEASE" / "dataset"), "sbd_train")
+    sbd_train = (sources["voc_aug"] / "benchmark_RELEASE" / "dataset" / "train.txt").read_text().split()
+    assert samples == sbd.list_split(str(sources["voc_aug"]), "sbd_train")[0] and len(samples) == len(
+        sbd_train
+    )
     with pytest.raises(UserError, match="does not look like PASCAL VOC"):
         voc.list_split(str(sources["coco"]), "val")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import scipy.io
 from PIL import Image
 from pycocotools.coco import COCO
 
+import pipelines.data
 from pipelines.cli import main
 from pipelines.data.layouts.cityscapes import LABELS
 from pipelines.data.layouts.coco import COCO_CATEGORIES
@@ -43,16 +45,32 @@ def test_voc_layout_palette_pngs_and_void_band(tmp_path):
         assert 96 <= image.height <= 120 and 128 <= image.width <= 160
 
 
-def test_voc_aug_layout_mat_labels(tmp_path):
-    base = synth(tmp_path, "voc_aug") / "benchmark_RELEASE" / "dataset"
-    ids = (base / "train.txt").read_text().split() + (base / "val.txt").read_text().split()
-    assert len(ids) == 9
-    for image_id in ids:
-        mat = scipy.io.loadmat(base / "cls" / f"{image_id}.mat", squeeze_me=True, struct_as_record=False)
+def test_voc_aug_layout_voc_and_sbd_with_overlapping_ids(tmp_path):
+    root = synth(tmp_path, "voc_aug")
+    voc, sbd = root / "VOCdevkit" / "VOC2012", root / "benchmark_RELEASE" / "dataset"
+    lists = voc / "ImageSets" / "Segmentation"
+    voc_train, voc_val = (set((lists / f"{s}.txt").read_text().split()) for s in ("train", "val"))
+    sbd_train, sbd_val = (set((sbd / f"{s}.txt").read_text().split()) for s in ("train", "val"))
+    assert len(voc_train) == 6 and len(voc_val) == 3 and len(sbd_train | sbd_val) == 6 // 3 * 2 + 1 + 6
+    assert not voc_train & voc_val and not sbd_train & sbd_val
+    assert (lists / "trainval.txt").read_text().split() == sorted(voc_train | voc_val)
+    seg11valid = set((Path(pipelines.data.__file__).parent / "lists" / "seg11valid.txt").read_text().split())
+    # The overlaps of the real lists: ids annotated by both, VOC12 val ids in SBD train, ids in one source only.
+    assert voc_train & sbd_train and voc_train & sbd_val and voc_val & sbd_train
+    assert voc_train - sbd_train - sbd_val and (sbd_train | sbd_val) - voc_train - voc_val
+    assert len(voc_val & seg11valid) == 2 and not seg11valid & (sbd_train | voc_train)
+    for image_id in sorted(sbd_train | sbd_val):
+        mat = scipy.io.loadmat(sbd / "cls" / f"{image_id}.mat", squeeze_me=True, struct_as_record=False)
         seg = mat["GTcls"].Segmentation
-        assert seg.dtype == np.uint8 and seg.shape == Image.open(base / "img" / f"{image_id}.jpg").size[::-1]
+        assert seg.dtype == np.uint8 and seg.shape == Image.open(sbd / "img" / f"{image_id}.jpg").size[::-1]
         assert set(np.unique(seg)) <= set(range(21))  # SBD has no void band
         assert sorted(np.atleast_1d(mat["GTcls"].CategoriesPresent)) == sorted(set(np.unique(seg)) - {0})
+        if image_id in voc_train | voc_val:  # the same photograph, labelled differently beyond the void band
+            assert (sbd / "img" / f"{image_id}.jpg").read_bytes() == (
+                voc / "JPEGImages" / f"{image_id}.jpg"
+            ).read_bytes()
+            voc_mask = np.asarray(Image.open(voc / "SegmentationClass" / f"{image_id}.png"))
+            assert (voc_mask[voc_mask != 255] != seg[voc_mask != 255]).any()
 
 
 def test_coco_layout_categories_polygons_and_crowd_rle(tmp_path):
