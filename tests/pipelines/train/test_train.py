@@ -16,7 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.cli import main
-from pipelines.train.trainer import train
+from pipelines.errors import UserError
+from pipelines.train.trainer import resolve, train
 
 pytestmark = pytest.mark.slow
 EPOCH_METRICS = (
@@ -134,6 +135,8 @@ def test_killed_worker_restarts_from_checkpoint(tiny_config, mlflow_uri, tmp_pat
         (["--pretrained", "{tmp}/vgg16.pth"], "does not exist"),
         (["--storage", "/proc/segpipe-cannot-write"], "not writable"),
         (["--batch-size", "100"], "lower --batch-size"),
+        (["--batch-size", "6", "--num-workers", "4"], "does not split into num_workers=4 x iter_size=1"),
+        (["--max-iters", "10"], "epochs=1 and max_iters=10 disagree"),
     ],
 )
 def test_bad_input_fails_before_any_worker(args, message, prepared_voc, mlflow_uri, tmp_path, capsys):
@@ -267,3 +270,12 @@ def test_two_workers_on_two_nodes(tiny_config, tmp_path, mlflow_uri):
     run = client.get_run(payload["result"]["run_id"])
     assert run.info.status == "FINISHED"
     assert steps(client, run.info.run_id, "val_miou") == [0, 1]
+
+
+def test_split_options_name_the_prepared_splits(tiny_config):
+    """train_split / val_split choose the prepared splits (voc_aug: train_aug/val, sbd_train/seg11valid); a
+    split the dataset lacks fails before any worker starts, naming the option."""
+    with pytest.raises(UserError, match=r"has no 'train_aug' split \(has train, val\): set train_split"):
+        resolve(tiny_config(train_split="train_aug"))
+    with pytest.raises(UserError, match=r"has no 'seg11valid' split \(has train, val\): set val_split"):
+        resolve(tiny_config(val_split="seg11valid"))
