@@ -33,7 +33,9 @@ def add_ensemble(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-images", type=int, default=0, help="select on the first N images (default: all)")
     p.add_argument(
-        "--crf-images", type=int, default=0, help="tune the CRF on the first N images (default: all)"
+        "--crf-images",
+        type=int,
+        help="tune the CRF on the first N images, 0 = all (default: 100, DeepLab's protocol)",
     )
     p.add_argument(
         "--stride",
@@ -64,11 +66,11 @@ def _run_ensemble(args: argparse.Namespace) -> None:
             max_members=args.max_members,
             select=args.select,
             max_images=args.max_images,
-            crf_images=args.crf_images,
             stride=args.stride,
             scratch=args.scratch or "",
             experiment=args.experiment,
             tracking_uri=args.tracking_uri or "",
+            **({} if args.crf_images is None else {"crf_images": args.crf_images}),
         )
     )
     for m in result["members"]:

@@ -1,13 +1,17 @@
 """Dense-CRF parameter search (DeepLab, ICLR 2015, section 4: bilateral kernel cross-validated on val).
 
 A coarse grid over the bilateral kernel (w1, theta_alpha, theta_beta), then a finer stage one half-step
-either side of the best point, each setting scored as Ray tasks over (setting, shard), 1 CPU each. The
-ensemble's probabilities are rebuilt per image from the shard's selection grid (weighted with the chosen
-counts, upsampled bilinearly to the image), so the comparison without CRF uses the very same maps.
+either side of the best point, each setting scored as Ray tasks over (setting, shard): one whole CPU each
+(pydensecrf is single-threaded and holds the GIL) and the memory of the shard plus the dense CRF of its
+largest image (`crf_task_memory`; 3.7 GB for a 2048x1024 image of 19 classes). The ensemble's
+probabilities are rebuilt per image from the shard's selection grid (weighted with the chosen counts,
+upsampled bilinearly to the image), so the comparison without CRF uses the very same maps.
+The search space is `CRF_GRID` and `FINE_STEP` below, and nothing else.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 from dataclasses import dataclass
 
@@ -64,6 +68,22 @@ def crf_confusion(
     return total
 
 
+def crf_task_memory(shard_uri: str, limit: int, num_classes: int) -> int:
+    """Bytes a `crf_confusion` task on the first `limit` images of a shard reserves: the shard's arrays and
+    their float32 grids, held throughout, plus the dense CRF of its largest image (`crf_memory_bytes`)."""
+    from PIL import Image
+
+    from segmodels.crf import crf_memory_bytes
+
+    shard = read_shard(shard_uri)
+    largest = 0
+    for index in range(limit):
+        with Image.open(io.BytesIO(unpack(shard["mask_bytes"], shard["mask_offsets"], index))) as mask:
+            width, height = mask.size  # from the PNG header, nothing decoded
+        largest = max(largest, crf_memory_bytes(height, width, num_classes))
+    return sum(a.nbytes for a in shard.values()) + shard["probs"].size * 4 + largest
+
+
 def coarse_settings() -> list[dict[str, float]]:
     return [dict(zip(CRF_GRID, values, strict=True)) for values in itertools.product(*CRF_GRID.values())]
 
@@ -80,8 +100,14 @@ def fine_settings(best: dict[str, float], tried: list[dict[str, float]]) -> list
 
 
 def search_crf(shards: list[Shard], weights: list[float], num_classes: int, max_images: int = 0) -> CRFSearch:
-    """Coarse grid + finer stage on the first `max_images` images of the shards (0 = all)."""
+    """Coarse grid + finer stage on the first `max_images` images of the shards (0 = all).
+
+    Raises UserError when a task would need more memory than the largest Ray node has (it would wait forever).
+    """
     import ray
+
+    from pipelines.errors import UserError
+    from pipelines.runtime import largest_node_memory
 
     task = ray.remote(num_cpus=1)(crf_confusion)
     plan, left = [], max_images or sum(s.images for s in shards)
@@ -90,9 +116,24 @@ def search_crf(shards: list[Shard], weights: list[float], num_classes: int, max_
             break
         plan.append((shard.uri, min(left, shard.images)))
         left -= shard.images
+    measure = ray.remote(crf_task_memory)
+    needs = ray.get([measure.remote(uri, limit, num_classes) for uri, limit in plan])
+    available = largest_node_memory()
+    if max(needs, default=0) > available:
+        raise UserError(
+            f"the CRF search needs {max(needs) / 2**30:.1f} GiB per task (a shard's maps and the dense CRF of "
+            f"its largest image), more than the {available / 2**30:.1f} GiB of Ray memory on the largest node: "
+            "run it where a node has more memory, or leave out --crf"
+        )
 
     def score(settings: list[dict[str, float] | None]) -> list[float]:
-        refs = [[task.remote(uri, limit, weights, s, num_classes) for uri, limit in plan] for s in settings]
+        refs = [
+            [
+                task.options(memory=need).remote(uri, limit, weights, s, num_classes)
+                for (uri, limit), need in zip(plan, needs, strict=True)
+            ]
+            for s in settings
+        ]
         return [miou(sum(ray.get(r))) for r in refs]
 
     coarse = coarse_settings()

@@ -27,7 +27,7 @@ class EnsembleConfig:
     max_members: int = 5  # selection rounds
     select: str = "greedy"  # greedy (Caruana et al.) | average (every candidate, equal weights: EDeconvNet)
     max_images: int = 0  # 0 = the whole split
-    crf_images: int = 0  # CRF search on the first N images; 0 = all selected ones
+    crf_images: int = 100  # CRF search on the first N images (DeepLab cross-validates on 100); 0 = all
     stride: int = 8  # selection grid: every stride-th pixel (the networks' output stride)
     images_per_shard: int = 8
     scratch: str = ""  # folder or s3:// prefix for the shards; default a local temporary folder

@@ -86,6 +86,38 @@ def test_crf_search_runs_the_grid_and_a_finer_stage_on_a_subset(scored):
         assert result.miou_with > result.miou_without and result.params["iterations"] == 10
 
 
+def test_crf_tasks_reserve_their_memory_and_a_node_too_small_is_an_error(scored, monkeypatch):
+    from pipelines import runtime
+    from pipelines.data.dataset import decode_mask
+    from pipelines.errors import UserError
+    from pipelines.select.ensemble.crf_search import crf_task_memory
+    from pipelines.select.ensemble.scoring import unpack
+    from segmodels.crf import crf_memory_bytes
+
+    data, shards = scored
+    shard = read_shard(shards[0].uri)
+    sizes = [
+        decode_mask(unpack(shard["mask_bytes"], shard["mask_offsets"], i)).shape
+        for i in range(shards[0].images)
+    ]
+    need = crf_task_memory(shards[0].uri, shards[0].images, data.num_classes)
+    largest_crf = max(crf_memory_bytes(h, w, data.num_classes) for h, w in sizes)
+    assert largest_crf < need < largest_crf + 64 * 2**20  # plus the shard's maps: a few MB here
+    assert crf_task_memory(shards[0].uri, 1, data.num_classes) <= need
+    monkeypatch.setattr(runtime, "largest_node_memory", lambda: need - 1)
+    with pytest.raises(UserError, match=r"GiB of Ray memory on the largest node"):
+        search_crf(shards[:1], [0.5, 0.5, 0.0], data.num_classes, max_images=shards[0].images)
+
+
+def test_crf_search_defaults_to_deeplabs_100_images():
+    from pipelines.cli import build_parser
+    from pipelines.select.ensemble import EnsembleConfig
+
+    assert EnsembleConfig(candidates=("a",), data="d").crf_images == 100
+    args = build_parser().parse_args(["ensemble", "--candidates", "a", "--data", "d"])
+    assert args.crf_images is None  # not given: EnsembleConfig's default applies
+
+
 def test_segpipe_ensemble_selects_tunes_crf_and_registers(prepared_voc, make_candidate, tmp_path):
     import json
 
