@@ -7,8 +7,9 @@ regions plus sensor noise) with softmax probabilities of random logits. The peak
 `ru_maxrss` less its resident size before the inputs were made, so it counts the float32 probabilities the
 CRF is given as well as pydensecrf's own buffers; `segmodels.crf.crf_memory_bytes` is printed beside it (the
 reservation CRF tasks make, calibrated from these runs). The last column estimates a CRF search
-(`pipelines.select.ensemble.crf_search`: the plain ensemble, 12 grid settings and up to 6 finer ones) on
---crf-images images of that size, in CPU-hours: one CRF per image per setting, on one core each.
+(`pipelines.select.ensemble.crf_search`: every coarse grid setting and the finer ones, at most one step
+either side of the best per parameter) on --crf-images images of that size, in CPU-hours: one CRF per image
+per setting, one core each.
 The 2048x1024 run takes over a minute: on a shared machine run it under the heavy-work lock.
 """
 
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SEARCH_SETTINGS = 12 + 6  # coarse grid + at most one finer step either side of the best per parameter
 
 
 def rss_bytes() -> int:
@@ -78,8 +78,11 @@ def main() -> None:
         print(json.dumps(measure(*map(int, args.child.split("x")))))
         return
 
+    from pipelines.select.ensemble.crf_search import FINE_STEP, coarse_settings
     from segmodels.crf import crf_memory_bytes
 
+    settings = len(coarse_settings()) + 2 * len(FINE_STEP)
+    print(f"CRF search: {settings} settings x {args.crf_images} images")
     print(f"{'H x W x C':>16} {'seconds':>8} {'peak GB':>8} {'reserved GB':>12} {'search CPU-h':>13}")
     for size in args.sizes:
         height, width, classes = map(int, size.split("x"))
@@ -87,7 +90,7 @@ def main() -> None:
             [sys.executable, __file__, "--child", size], check=True, capture_output=True, text=True, cwd=ROOT
         ).stdout
         result = json.loads(out.strip().splitlines()[-1])
-        search_hours = result["seconds"] * args.crf_images * SEARCH_SETTINGS / 3600
+        search_hours = result["seconds"] * args.crf_images * settings / 3600
         print(
             f"{size:>16} {result['seconds']:8.1f} {result['peak_bytes'] / 1e9:8.2f} "
             f"{crf_memory_bytes(height, width, classes) / 1e9:12.2f} {search_hours:13.1f}"
