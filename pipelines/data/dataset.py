@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -233,37 +233,55 @@ class PreparedDataset:
         return ds
 
     def read_rows(self, name: str, columns: Sequence[str], rows: Sequence[int] | None = None) -> pa.Table:
-        """Rows of split `name` read in this process with pyarrow (no Ray), for small reads such as one
-        worker's share of the val split. `rows`: positions in the split (its shards in manifest order,
-        rows in file order), returned in the order given; default all rows in that order."""
+        """Rows of split `name` read in this process with pyarrow (no Ray), for small reads such as a few
+        overlays. `rows`: positions in the split (its shards in manifest order, rows in file order),
+        returned in the order given; default all rows in that order."""
+        if rows is None:
+            rows = range(self.rows(name))
+        return next(self.read_batches(name, columns, [rows]))
+
+    def read_batches(
+        self, name: str, columns: Sequence[str], batches: Iterable[Sequence[int]]
+    ) -> Iterator[pa.Table]:
+        """One table per batch of row positions (as in `read_rows`), read batch by batch in this process.
+
+        Only the parquet row groups that hold a batch's rows are read, and those the next batch shares are
+        kept for it (consecutive batches usually fall in the same row group), so memory holds about one
+        batch's row groups at a time, and each shard's footer is read once.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         fs, _ = storage.filesystem(self.root)
-        wanted = None if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
-        pieces, offset = [], 0
+        groups: list[tuple[pq.ParquetFile, int]] = []  # (shard, row group index) in split order
+        sizes: list[int] = []
         for path in self.split_files(name):
             shard = pq.ParquetFile(storage.fs_path(path), filesystem=fs)
-            count = shard.metadata.num_rows
-            if wanted is None:
-                pieces.append(shard.read(columns=list(columns)))
-            else:
-                local = wanted[(wanted >= offset) & (wanted < offset + count)] - offset
-                if len(local):
-                    pieces.append(shard.read(columns=list(columns)).take(local))
-            offset += count
-        if wanted is not None and len(wanted) and wanted[-1] >= offset:
-            raise IndexError(f"row {int(wanted[-1])} is past the end of split {name!r} ({offset} rows)")
+            for index in range(shard.metadata.num_row_groups):
+                groups.append((shard, index))
+                sizes.append(shard.metadata.row_group(index).num_rows)
+        starts = np.cumsum([0, *sizes])  # starts[g] = the split position of row group g's first row
         schema = parquet_schema()
-        table = (
-            pa.concat_tables(pieces)
-            if pieces
-            else pa.schema([schema.field(c) for c in columns]).empty_table()
-        )
-        # `wanted` is sorted and unique: map the caller's order (repeats allowed) onto it.
-        return (
-            table if rows is None else table.take(np.searchsorted(wanted, np.asarray(rows, dtype=np.int64)))
-        )
+        empty = pa.schema([schema.field(c) for c in columns]).empty_table()
+        held: dict[int, pa.Table] = {}
+        for batch in batches:
+            rows = np.asarray(batch, dtype=np.int64).reshape(-1)
+            if len(rows) and (rows.min() < 0 or rows.max() >= starts[-1]):
+                bad = int(rows.min() if rows.min() < 0 else rows.max())
+                raise IndexError(f"row {bad} is outside split {name!r}, which has {int(starts[-1])} rows")
+            group_of = np.searchsorted(starts, rows, side="right") - 1
+            needed, position = np.unique(group_of, return_inverse=True)
+            kept, held = held, {}
+            for g in needed.tolist():
+                shard, index = groups[g]
+                held[g] = kept[g] if g in kept else shard.read_row_group(index, columns=list(columns))
+            del kept  # row groups this batch does not share are freed before it is taken
+            if not len(rows):
+                yield empty
+                continue
+            table = pa.concat_tables(held.values())
+            first = np.cumsum([0, *(sizes[g] for g in needed)])[:-1]  # where each group starts in `table`
+            yield table.take(rows - starts[group_of] + first[position])
 
 
 def open_prepared(path: str) -> PreparedDataset:

@@ -4,6 +4,10 @@
     ->  ShardSink: good rows to parquet under DST/_staging-<run>/, bad rows to the quarantine
     ->  move shards to DST/{split}/, write quarantine.jsonl, then manifest.json last.
 
+Each split's samples are converted in a fixed pseudo-random order (`shuffled`), so every shard, and
+every row group in it, mixes the whole split (Cityscapes lists its images city by city) and a training
+batch drawn from a few shards does too.
+
 A reader that finds manifest.json sees a complete dataset: it lists exactly the shards it covers, and
 shards of an earlier run are only deleted after the new manifest is in place. The fingerprint hashes
 each row's content (image bytes and decoded mask), sorted by split and image id, so it does not depend
@@ -56,6 +60,8 @@ if TYPE_CHECKING:
 
 STAGING_PREFIX = "_staging-"
 READ_THREADS = 16  # concurrent S3 reads per conversion task
+# Row groups of about this size: a reader of a few rows (a training worker's val batch) reads no more.
+ROW_GROUP_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -287,7 +293,8 @@ class ShardSink(Datasink):
                         # The run id keeps names unique across runs: shards an older manifest lists stay intact.
                         rel = f"{split}/part-{self.run_id}-{ctx.task_idx:05d}.parquet"
                         writers[split] = (self._writer(posixpath.join(self.staging, rel)), rel)
-                    writers[split][0].write_table(rows.select(list(COLUMNS)))
+                    per_group = max(1, ROW_GROUP_BYTES * rows.num_rows // max(1, rows.nbytes))
+                    writers[split][0].write_table(rows.select(list(COLUMNS)), row_group_size=per_group)
                     pixels = np.asarray(rows["class_pixels"].to_pylist(), np.int64).sum(axis=0)
                     out["class_pixels"][split] = out["class_pixels"].get(split, 0) + pixels
                     ids, digests = rows[IMAGE_ID].to_pylist(), rows["digest"].to_pylist()
@@ -333,6 +340,20 @@ def _check_out(out: str) -> None:
 
 def _is_shard(rel: str) -> bool:
     return rel.count("/") == 1 and posixpath.basename(rel).startswith("part-") and rel.endswith(".parquet")
+
+
+def shuffled(samples: list[Sample]) -> list[Sample]:
+    """`samples` in a fixed pseudo-random order: by a keyed hash of split and image id.
+
+    The same on every run, whatever order the layout listed them in, so shards stay reproducible; adding
+    or removing an image leaves the order of the others as it was.
+    """
+
+    def key(sample: Sample) -> bytes:
+        name = f"{sample.split}/{sample.image_id}".encode()
+        return hashlib.blake2b(name, digest_size=8, key=b"segpipe-prepare").digest()
+
+    return sorted(samples, key=key)
 
 
 def _fingerprint(layout: Layout, max_side: int | None, digests: list[tuple[str, str, str]]) -> str:
@@ -418,7 +439,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     samples, rejected = [], []
     for split in splits:
         listed, missing = layout.list_split(root, split)
-        samples += listed
+        samples += shuffled(listed)  # split by split: each write task's shards then mostly hold one split
         rejected += missing
     if not samples and not rejected:
         raise UserError(

@@ -23,7 +23,7 @@ from pipelines.data.layouts import LAYOUTS, get_layout
 from pipelines.data.layouts.cityscapes import CITYSCAPES_CLASSES, label_id_to_train_id
 from pipelines.data.layouts.coco import COCO_CATEGORIES, COCO_VOC_IDS, annotations_to_mask, category_to_class
 from pipelines.data.layouts.voc import VOC_CLASSES
-from pipelines.data.prepare import PrepareConfig, TooManyBadSamples, prepare
+from pipelines.data.prepare import PrepareConfig, TooManyBadSamples, prepare, shuffled
 from pipelines.data.synth import SYNTH_LAYOUTS, SynthConfig, synthesize
 from pipelines.errors import UserError
 
@@ -116,6 +116,13 @@ def test_exact_rows_and_mask_round_trip(dataset, sources, tmp_path, ray_session)
             assert decode_image(row["image"]).shape == (row["height"], row["width"], 3) == (*mask.shape, 3)
             pixels += np.bincount(mask[mask != 255], minlength=prepared.num_classes)
         assert prepared.manifest.splits[split].class_pixels == tuple(pixels)
+        if dataset == "cityscapes":
+            # Listed city by city, written in a fixed shuffled order: a batch of a few rows mixes cities.
+            ids = prepared.read_rows(split, ["image_id"])["image_id"].to_pylist()
+            listed, _ = get_layout("cityscapes").list_split(str(src), split)
+            assert ids == [sample.image_id for sample in shuffled(listed)]
+            cities = [image_id.split("_")[0] for image_id in ids]
+            assert cities != sorted(cities) and len(set(cities[:4])) > 1
 
 
 def test_voc_aug_papers_splits_and_the_voc_label_wins(sources, tmp_path, ray_session):
