@@ -95,6 +95,11 @@ class TrainConfig:
     sync_bn: bool = True  # used only with several GPU workers
     compile: bool = False
     val_batch_size: int = 4  # val images per forward pass (same-size images only, see train.loop.ValShard)
+    # Feed and validation at full size (see train.loop.iter_train_batches and validate). The shuffle buffer
+    # holds augmented crops, crop x crop x 4 bytes each (image + mask; 8 with U-Net weights), up to ~2x
+    # the size while Ray compacts it: 256 at crop 713 is 0.5-1 GB per worker; 0 turns it off.
+    shuffle_buffer: int = 256
+    val_slide: tuple[int, int] | None = None  # (crop, stride): val images larger than crop in sliding windows
     seed: int = 0
     max_failures: int = 2
     checkpoints_to_keep: int = 2
@@ -152,6 +157,15 @@ class TrainConfig:
             raise UserError(
                 f"loss_border={self.loss_border} must be >= 0 and leave part of the {self.crop}-pixel crop "
                 f"(2 x loss_border < crop); U-Net's 572 tile uses 92"
+            )
+        if self.shuffle_buffer < 0:
+            raise UserError(
+                f"shuffle_buffer must be >= 0 images (0 = no shuffle buffer), got {self.shuffle_buffer}"
+            )
+        if self.val_slide is not None and not 0 < self.val_slide[1] <= self.val_slide[0]:
+            raise UserError(
+                f"val_slide={list(self.val_slide)} must be [crop, stride] with 0 < stride <= crop, "
+                "e.g. [713, 476] for a 713 crop"
             )
         if not 0 < self.scale_min <= self.scale_max:
             raise UserError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")

@@ -159,13 +159,14 @@ def iter_train_batches(shard, cfg: TrainConfig, device: torch.device):
     """This worker's augmented train batches for one epoch: image uint8 N,crop,crop,3, mask uint8 N,crop,crop.
 
     Ray Data prepares `prefetch_batches` batches ahead in a thread while the step runs; on CUDA they are
-    pinned so the host-to-device copy is asynchronous. The local shuffle buffer mixes rows across the
-    blocks of the (file-shuffled) read.
+    pinned so the host-to-device copy is asynchronous. Batches are drawn at random from a buffer of
+    `cfg.shuffle_buffer` augmented crops, which mixes the rows of several (file-shuffled) shards, so the
+    batches differ from epoch to epoch although each shard's rows keep the order `prepare` gave them.
     """
     return shard.iter_torch_batches(
         batch_size=cfg.micro_batch_size,
         drop_last=True,
-        local_shuffle_buffer_size=4 * cfg.micro_batch_size,
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
         prefetch_batches=4,
         pin_memory=device.type == "cuda",
     )
@@ -243,69 +244,90 @@ def val_batch_plan(
     """This rank's validation batches as row positions (sizes[i] = (height, width) of row i).
 
     Rows of one size are batched together, so no image is padded and none sees another's border; each
-    size group is cut into batches of `batch_size` in row order, and batch k goes to rank k % world. The
-    batches themselves do not depend on `world`, so any number of workers makes the same predictions.
+    size group is cut into batches of `batch_size` in row order. Rank r gets the r-th of `world` runs of
+    consecutive batches (their counts differ by one at most), so its rows lie together in the shards and
+    it reads few row groups beyond its own. The batches themselves do not depend on `world`, so any number
+    of workers makes the same predictions.
     """
     order = sorted(range(len(sizes)), key=lambda i: (tuple(sizes[i]), i))
     batches: list[list[int]] = []
     for _, group in itertools.groupby(order, key=lambda i: tuple(sizes[i])):
         rows = list(group)
         batches += [rows[j : j + batch_size] for j in range(0, len(rows), batch_size)]
-    return batches[rank::world]
+    return batches[rank * len(batches) // world : (rank + 1) * len(batches) // world]
 
 
 class ValShard:
-    """One worker's share of the val split, read once (encoded bytes) and decoded batch by batch.
+    """One worker's share of the val split, read and decoded batch by batch at every validation.
 
-    Only this rank's rows are decoded; the next batch is decoded in a thread while the current one runs.
+    Building it reads only the split's heights and widths (to plan the batches). Each pass reads just the
+    parquet row groups that hold this rank's rows (`PreparedDataset.read_batches`), decodes the next batch
+    in a thread while the current one runs and keeps nothing afterwards: between validations a worker
+    holds no val image, and while validating about two batches.
     """
 
     def __init__(self, data, batch_size: int, rank: int, world: int, split: str = "val"):
-        from pipelines.data.dataset import HEIGHT, IMAGE, MASK, WIDTH
+        from pipelines.data.dataset import HEIGHT, WIDTH
 
         sizes = data.read_rows(split, [HEIGHT, WIDTH])
         sizes = list(zip(sizes[HEIGHT].to_pylist(), sizes[WIDTH].to_pylist(), strict=True))
+        self.data, self.split = data, split
         self.batches = val_batch_plan(sizes, batch_size, rank, world)
-        rows = data.read_rows(split, [IMAGE, MASK], [i for batch in self.batches for i in batch])
-        self.images, self.masks = rows[IMAGE].to_pylist(), rows[MASK].to_pylist()
+        self.rows = sum(len(batch) for batch in self.batches)
 
     def __iter__(self):
         """Yields (images uint8 N,H,W,3, masks uint8 N,H,W), one size per batch."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from pipelines.data.dataset import decode_image, decode_mask
+        import pyarrow as pa
 
-        def decode(start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-            span = range(start, start + count)
+        from pipelines.data.dataset import IMAGE, MASK, decode_image, decode_mask
+
+        tables = self.data.read_batches(self.split, [IMAGE, MASK], self.batches)
+
+        def load() -> tuple[np.ndarray, np.ndarray]:
+            table = next(tables)
             return (
-                np.stack([decode_image(self.images[i]) for i in span]),
-                np.stack([decode_mask(self.masks[i]) for i in span]),
+                np.stack([decode_image(data) for data in table[IMAGE].to_pylist()]),
+                np.stack([decode_mask(data) for data in table[MASK].to_pylist()]),
             )
 
-        starts = np.cumsum([0] + [len(b) for b in self.batches])
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = None
-            for start, batch in zip(starts[:-1], self.batches, strict=True):
-                ahead = pool.submit(decode, int(start), len(batch))
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:  # one thread: `tables` is read in order
+                pending = None
+                for _ in self.batches:
+                    ahead = pool.submit(load)
+                    if pending is not None:
+                        yield pending.result()
+                    pending = ahead
                 if pending is not None:
                     yield pending.result()
-                pending = ahead
-            if pending is not None:
-                yield pending.result()
+        finally:
+            tables.close()
+            # Arrow's allocator keeps freed buffers for reuse: give the pass's row groups back to the OS.
+            pa.default_memory_pool().release_unused()
 
 
 @torch.no_grad()
 def validate(net, batches, num_classes: int, cfg: TrainConfig, device) -> ConfusionMatrix:
-    """Whole-image validation of this worker's batches (uint8 N,H,W,3 images, N,H,W masks, one size per
-    batch); the confusion matrix is summed over all workers (FCN section 5 metrics)."""
-    from segmodels.inference import predict_whole
+    """Validation of this worker's batches (uint8 N,H,W,3 images, N,H,W masks, one size per batch); the
+    confusion matrix is summed over all workers (FCN section 5 metrics).
+
+    Images are predicted whole, or, with `cfg.val_slide` = (crop, stride) and an image larger than the
+    crop, as the mean of crop-sized windows every `stride` pixels (`predict_sliding`): a Cityscapes
+    2048x1024 image at the training crop, as it is evaluated, in a fraction of the whole image's memory.
+    """
+    from segmodels.inference import predict_sliding, predict_whole
     from segmodels.metrics import ConfusionMatrix
 
     cm = ConfusionMatrix(num_classes)
     for images, masks in batches:
         x = to_input(torch.from_numpy(images), device, cfg)
         with autocast(cfg, device):
-            probs = predict_whole(net, x)
+            if cfg.val_slide and max(x.shape[-2:]) > cfg.val_slide[0]:
+                probs = predict_sliding(net, x, crop=cfg.val_slide[0], stride=cfg.val_slide[1])
+            else:
+                probs = predict_whole(net, x)
         cm.update(probs.argmax(1), torch.from_numpy(masks))
     return cm.all_reduce_()
 

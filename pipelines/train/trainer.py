@@ -159,9 +159,11 @@ def resolve(cfg: TrainConfig):
 def train_feed(cfg: TrainConfig, data):
     """The train split as the Ray Dataset the workers stream: uint8 crops (+ U-Net weight maps).
 
-    The shards are read in a new random order at every execution, i.e. every epoch (`shuffle="files"`
-    draws it when the read tasks are made), and each worker's local shuffle buffer mixes the rows; unlike
-    a global `randomize_block_order`, nothing waits for the whole read before the first batch leaves.
+    Every shard already mixes the whole split (`prepare` writes rows in a shuffled order); the shards are
+    read in a new random order at every execution, i.e. every epoch (`shuffle="files"` draws it when the
+    read tasks are made), and each worker draws its batches from a buffer of `cfg.shuffle_buffer` crops
+    (`pipelines.train.loop.iter_train_batches`); unlike a global `randomize_block_order` or
+    `random_shuffle`, nothing waits for the whole read before the first batch leaves.
     """
     from pipelines.data.augment import AugmentParams, augment_batch
 
