@@ -72,16 +72,17 @@ def main() -> None:
     )
     parser.add_argument("--sizes", nargs="+", default=["375x500x21", "2048x1024x19"])
     parser.add_argument("--crf-images", type=int, default=100)
+    parser.add_argument("--crf-grid", default="deeplab", help="deeplab (default) or small")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(*map(int, args.child.split("x")))))
         return
 
-    from pipelines.select.ensemble.crf_search import FINE_STEP, coarse_settings
+    from pipelines.select.ensemble.crf_search import coarse_settings, crf_grid
     from segmodels.crf import crf_memory_bytes
 
-    settings = len(coarse_settings()) + 2 * len(FINE_STEP)
+    settings = len(coarse_settings(args.crf_grid)) + 2 * len(crf_grid(args.crf_grid).fine_step)
     print(f"CRF search: {settings} settings x {args.crf_images} images")
     print(f"{'H x W x C':>16} {'seconds':>8} {'peak GB':>8} {'reserved GB':>12} {'search CPU-h':>13}")
     for size in args.sizes:

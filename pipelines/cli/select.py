@@ -38,6 +38,11 @@ def add_ensemble(sub: argparse._SubParsersAction) -> None:
         help="tune the CRF on the first N images, 0 = all (default: 100, DeepLab's protocol)",
     )
     p.add_argument(
+        "--crf-grid",
+        choices=["deeplab", "small"],
+        help="the CRF search space: deeplab, the paper's 48 + 6 settings (default), or small, 12 + 6",
+    )
+    p.add_argument(
         "--stride",
         type=int,
         default=8,
@@ -71,6 +76,7 @@ def _run_ensemble(args: argparse.Namespace) -> None:
             experiment=args.experiment,
             tracking_uri=args.tracking_uri or "",
             **({} if args.crf_images is None else {"crf_images": args.crf_images}),
+            **({} if args.crf_grid is None else {"crf_grid": args.crf_grid}),
         )
     )
     for m in result["members"]:

@@ -118,6 +118,7 @@ def demo_retrain_config(cfg: DemoConfig, source: Path, work: Path) -> dict[str, 
         "experiment": "segpipe-demo",
         "register_as": "segpipe-demo",
         "crf": True,
+        "crf_grid": "small",  # 18 settings, not DeepLab's 54: the demo's minutes go to training
         "search": {
             "num_samples": cfg.trials,
             "max_concurrent": 1,

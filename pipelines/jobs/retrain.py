@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pipelines import storage, tracking
 from pipelines.config import config_model, make_config, read_yaml
@@ -49,6 +49,7 @@ class RetrainConfig:
     margin: float = 0.0
     crf: bool = False
     crf_images: int = 100  # CRF search on this many val images (DeepLab's 100-image subset); 0 = all
+    crf_grid: Literal["deeplab", "small"] = "deeplab"  # the CRF search space (crf_search.CRF_GRIDS)
     max_members: int = 5
     split: str = "val"
 
@@ -192,6 +193,7 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
                 register_as=cfg.register_as,
                 crf=cfg.crf,
                 crf_images=cfg.crf_images,
+                crf_grid=cfg.crf_grid,
                 split=cfg.split,
                 max_members=cfg.max_members,
                 scratch=storage.join(cfg.storage, f"retrain-{cfg.name}", cycle, "ensemble"),

@@ -6,7 +6,7 @@ either side of the best point, each setting scored as Ray tasks over (setting, s
 largest image (`crf_task_memory`; 3.7 GB for a 2048x1024 image of 19 classes). The ensemble's
 probabilities are rebuilt per image from the shard's selection grid (weighted with the chosen counts,
 upsampled bilinearly to the image), so the comparison without CRF uses the very same maps.
-The search space is `CRF_GRID` and `FINE_STEP` below, and nothing else.
+The search spaces are `CRF_GRIDS` below, and nothing else: DeepLab's (the default) and a smaller one.
 """
 
 from __future__ import annotations
@@ -20,15 +20,42 @@ import numpy as np
 from pipelines.select.ensemble.scoring import Shard, image_probs, read_shard, unpack
 from pipelines.select.ensemble.selection import confusion, miou
 
-# DeepLab (ICLR 2015) sec. 4.1: w2 = 3 and sigma_gamma = 3 fixed, 10 mean-field iterations; the first
-# round searches w1 in [5, 10], sigma_alpha in [50:10:100] and sigma_beta in [3:6] (MATLAB ranges), then
-# "refine the search step sizes around the first round's best values" (the finer stage below).
-CRF_GRID = {
-    "w1": (5.0, 10.0),
-    "theta_alpha": (50.0, 60.0, 70.0, 80.0, 90.0, 100.0),
-    "theta_beta": (3.0, 4.0, 5.0, 6.0),
+
+@dataclass(frozen=True)
+class CRFGrid:
+    """A first-round grid over the bilateral kernel and the finer stage's step (half the grid's spacing)."""
+
+    coarse: dict[str, tuple[float, ...]]
+    fine_step: dict[str, float]
+
+
+CRF_GRIDS = {
+    # DeepLab (ICLR 2015) sec. 4.1: w2 = 3 and sigma_gamma = 3 fixed, 10 mean-field iterations; the first
+    # round searches w1 in [5, 10], sigma_alpha in [50:10:100] and sigma_beta in [3:6] (MATLAB ranges), then
+    # "refine the search step sizes around the first round's best values" (the finer stage below): 48 + 6.
+    "deeplab": CRFGrid(
+        coarse={
+            "w1": (5.0, 10.0),
+            "theta_alpha": (50.0, 60.0, 70.0, 80.0, 90.0, 100.0),
+            "theta_beta": (3.0, 4.0, 5.0, 6.0),
+        },
+        fine_step={"w1": 2.5, "theta_alpha": 5.0, "theta_beta": 0.5},
+    ),
+    # 12 + 6 settings around the values DeepLab-LargeFOV published for VOC (w1 4, sigma_alpha 121,
+    # sigma_beta 5): a quarter of the paper's search, for retraining cycles and full-size images.
+    "small": CRFGrid(
+        coarse={"w1": (3.0, 5.0), "theta_alpha": (50.0, 80.0, 120.0), "theta_beta": (3.0, 5.0)},
+        fine_step={"w1": 0.5, "theta_alpha": 10.0, "theta_beta": 1.0},
+    ),
 }
-FINE_STEP = {"w1": 2.5, "theta_alpha": 5.0, "theta_beta": 0.5}  # half the grid's spacing
+
+
+def crf_grid(name: str) -> CRFGrid:
+    from pipelines.errors import UserError
+
+    if name not in CRF_GRIDS:
+        raise UserError(f"--crf-grid {name!r}: choose one of {', '.join(CRF_GRIDS)}")
+    return CRF_GRIDS[name]
 
 
 @dataclass(frozen=True)
@@ -84,14 +111,17 @@ def crf_task_memory(shard_uri: str, limit: int, num_classes: int) -> int:
     return sum(a.nbytes for a in shard.values()) + shard["probs"].size * 4 + largest
 
 
-def coarse_settings() -> list[dict[str, float]]:
-    return [dict(zip(CRF_GRID, values, strict=True)) for values in itertools.product(*CRF_GRID.values())]
+def coarse_settings(grid: str = "deeplab") -> list[dict[str, float]]:
+    coarse = crf_grid(grid).coarse
+    return [dict(zip(coarse, values, strict=True)) for values in itertools.product(*coarse.values())]
 
 
-def fine_settings(best: dict[str, float], tried: list[dict[str, float]]) -> list[dict[str, float]]:
+def fine_settings(
+    best: dict[str, float], tried: list[dict[str, float]], grid: str = "deeplab"
+) -> list[dict[str, float]]:
     """The best point moved half a grid step up or down along each parameter, if not tried already."""
     out = []
-    for name, step in FINE_STEP.items():
+    for name, step in crf_grid(grid).fine_step.items():
         for sign in (-1, 1):
             setting = {**best, name: best[name] + sign * step}
             if setting[name] > 0 and setting not in tried and setting not in out:
@@ -99,8 +129,10 @@ def fine_settings(best: dict[str, float], tried: list[dict[str, float]]) -> list
     return out
 
 
-def search_crf(shards: list[Shard], weights: list[float], num_classes: int, max_images: int = 0) -> CRFSearch:
-    """Coarse grid + finer stage on the first `max_images` images of the shards (0 = all).
+def search_crf(
+    shards: list[Shard], weights: list[float], num_classes: int, max_images: int = 0, grid: str = "deeplab"
+) -> CRFSearch:
+    """Coarse grid + finer stage (`CRF_GRIDS[grid]`) on the first `max_images` images of the shards (0 = all).
 
     Raises UserError when a task would need more memory than the largest Ray node has (it would wait forever).
     """
@@ -136,11 +168,11 @@ def search_crf(shards: list[Shard], weights: list[float], num_classes: int, max_
         ]
         return [miou(sum(ray.get(r))) for r in refs]
 
-    coarse = coarse_settings()
+    coarse = coarse_settings(grid)
     without, *scores = score([None, *coarse])
     tried = list(coarse)
     best_index = int(np.argmax(scores))
-    fine = fine_settings(coarse[best_index], tried)
+    fine = fine_settings(coarse[best_index], tried, grid)
     tried += fine
     scores += score(fine)
     best_index = int(np.argmax(scores))

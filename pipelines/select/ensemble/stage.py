@@ -28,6 +28,7 @@ class EnsembleConfig:
     select: str = "greedy"  # greedy (Caruana et al.) | average (every candidate, equal weights: EDeconvNet)
     max_images: int = 0  # 0 = the whole split
     crf_images: int = 100  # CRF search on the first N images (DeepLab cross-validates on 100); 0 = all
+    crf_grid: str = "deeplab"  # the search space: crf_search.CRF_GRIDS
     stride: int = 8  # selection grid: every stride-th pixel (the networks' output stride)
     images_per_shard: int = 8
     scratch: str = ""  # folder or s3:// prefix for the shards; default a local temporary folder
@@ -42,6 +43,9 @@ class EnsembleConfig:
                 "--stride, --max-members and images per shard must be >= 1 and --crf-images >= 0, got "
                 f"{self.stride}, {self.max_members}, {self.images_per_shard}, {self.crf_images}"
             )
+        from pipelines.select.ensemble.crf_search import crf_grid
+
+        crf_grid(self.crf_grid)  # a UserError naming the valid grids
         if self.select not in ("greedy", "average"):
             raise UserError(f"--select {self.select!r}: choose greedy or average")
 
@@ -129,7 +133,9 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
             selection = greedy_select(shards, len(uris), data.num_classes, cfg.max_members)
         crf = None
         if cfg.crf:
-            crf = search_crf(shards, selection.candidate_weights, data.num_classes, cfg.crf_images)
+            crf = search_crf(
+                shards, selection.candidate_weights, data.num_classes, cfg.crf_images, cfg.crf_grid
+            )
             print(
                 f"[segpipe] CRF on {crf.images} {cfg.split} images: mIoU {crf.miou_with:.4f} vs "
                 f"{crf.miou_without:.4f} without"

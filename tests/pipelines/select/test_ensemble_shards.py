@@ -76,9 +76,9 @@ def test_selection_over_shards_equals_the_in_memory_algorithm(scored):
 
 def test_crf_search_runs_the_grid_and_a_finer_stage_on_a_subset(scored):
     data, shards = scored
-    result = search_crf(shards, [0.5, 0.5, 0.0], data.num_classes, max_images=7)
+    result = search_crf(shards, [0.5, 0.5, 0.0], data.num_classes, max_images=7, grid="small")
     assert result.images == 7
-    assert len(coarse_settings()) < result.settings_tried <= len(coarse_settings()) + 6
+    assert len(coarse_settings("small")) < result.settings_tried <= len(coarse_settings("small")) + 6
     assert 0.0 <= result.miou_without <= 1.0 and 0.0 <= result.miou_with <= 1.0
     if result.params is None:
         assert result.miou_with <= result.miou_without
@@ -115,7 +115,12 @@ def test_crf_search_defaults_to_deeplabs_100_images():
 
     assert EnsembleConfig(candidates=("a",), data="d").crf_images == 100
     args = build_parser().parse_args(["ensemble", "--candidates", "a", "--data", "d"])
-    assert args.crf_images is None  # not given: EnsembleConfig's default applies
+    assert args.crf_images is None and args.crf_grid is None  # not given: EnsembleConfig's defaults apply
+    # The paper's search space by default (2 x 6 x 4 first-round points), the small one on request.
+    assert EnsembleConfig(candidates=("a",), data="d").crf_grid == "deeplab"
+    assert len(coarse_settings()) == 48 and len(coarse_settings("small")) == 12
+    args = build_parser().parse_args(["ensemble", "--candidates", "a", "--data", "d", "--crf-grid", "small"])
+    assert args.crf_grid == "small"
 
 
 def test_segpipe_ensemble_selects_tunes_crf_and_registers(prepared_voc, make_candidate, tmp_path):
