@@ -139,7 +139,10 @@ class SegmentationModel:
             raise result
         return result
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # both reset by reconfigure
+    # Two batches at once: while one runs its forward, the next one's requests are decoded and the last
+    # one's answers rendered and sent, so under load the cores never wait for those hops (size and wait
+    # are reset by reconfigure).
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
     async def batched(self, images: list[np.ndarray], sources: list[str], dense: list[bool]) -> list:
         # In a thread, so the replica keeps accepting requests (the next batch) while this one computes.
         return await asyncio.to_thread(self.predict_batch, images, sources, dense)

@@ -667,9 +667,10 @@ def test_promoting_a_broken_version_keeps_the_current_one(endpoint):
 def test_the_live_model_replica_takes_its_knobs_from_user_config(endpoint):
     from ray import serve
 
-    # build_app passes the batching knobs as user_config: Serve calls reconfigure() with them.
+    # build_app passes the batching knobs as user_config: Serve calls reconfigure() with them, and the
+    # torch threads replica_sizing chose (member_cpus 0.25: one).
     knobs = serve.get_deployment_handle("SegmentationModel", app_name=APP_NAME).describe.remote().result()
-    assert (knobs["max_batch_size"], knobs["batch_wait_timeout_s"]) == (8, 0.005), knobs
+    assert (knobs["max_batch_size"], knobs["batch_wait_timeout_s"], knobs["threads"]) == (8, 0.005, 1), knobs
 
 
 @pytest.mark.slow
