@@ -42,7 +42,13 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     model_args: dict[str, Any] = field(default_factory=dict)
-    pretrained: str = ""  # local torchvision ImageNet state dict (.safetensors/.pth) for the backbone
+    # Backbone weights: a torchvision ImageNet state dict (.safetensors/.pth), or Caffe's VGG16
+    # (VGG_ILSVRC_16_layers.caffemodel) for the VGG trunks, which needs input_convention caffe_bgr.
+    pretrained: str = ""
+    # What the network is fed (training, validation and, through the saved model, every later stage):
+    # imagenet = RGB 0-1 normalised with ImageNet's mean/std (torchvision's weights); caffe_bgr = BGR 0-255
+    # minus Caffe's VGG mean (Caffe's weights, and the FCN reference's learning rates assume that scale).
+    input_convention: str = "imagenet"
     init_from: str = ""  # model folder or runs:/, models:/ URI whose matching tensors start the model
     # Optimisation (paper recipes live in pipelines/configs/).
     optimizer: str = "sgd"  # sgd | adamw
@@ -100,6 +106,9 @@ class TrainConfig:
     # the size while Ray compacts it: 256 at crop 713 is 0.5-1 GB per worker; 0 turns it off.
     shuffle_buffer: int = 256
     val_slide: tuple[int, int] | None = None  # (crop, stride): val images larger than crop in sliding windows
+    # Which checkpoint becomes the run's `model`: the best epoch by val mIoU, or the final one (the
+    # papers report their final snapshot).
+    keep: str = "best"
     seed: int = 0
     max_failures: int = 2
     checkpoints_to_keep: int = 2
@@ -119,6 +128,8 @@ class TrainConfig:
             "pixel_weight": ("none", "unet"),
             "loss_reduction": ("mean", "sum"),
             "crop_mode": ("random", "object", "proposal"),
+            "input_convention": ("imagenet", "caffe_bgr"),
+            "keep": ("best", "final"),
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# torchvision's VGG classifier: Linear(512*7*7, 4096) -> fc6, Linear(4096, 4096) -> fc7.
-VGG_FC = {"fc6": ("classifier.0", 512, 7), "fc7": ("classifier.3", 4096, 1)}
+# torchvision's VGG classifier: Linear(512*7*7, 4096) -> fc6 (7x7), Linear(4096, 4096) -> fc7 (1x1).
+VGG_FC = {"fc6": ("classifier.0", 7), "fc7": ("classifier.3", 1)}
 PARAMS = ("weight", "bias")
 
 
@@ -47,15 +47,32 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> tuple[list[str]
     not used (e.g. the 1000-way classifier). Raises ValueError if the file lacks any backbone key or a
     shape differs, naming the torchvision model the architecture expects.
     """
-    source_name = getattr(model, "imagenet_source", None)
-    arch = getattr(model, "arch", type(model).__name__)
     if not Path(path).is_file():  # the first thing to fix, whatever else is wrong
         raise FileNotFoundError(f"weights file {path} does not exist; pass a local torchvision state dict")
-    if source_name is None:
+    _check_source(model)
+    return load_backbone_state(model, read_state_dict(path), str(path))
+
+
+def _check_source(model: nn.Module) -> None:
+    if getattr(model, "imagenet_source", None) is None:
+        arch = getattr(model, "arch", type(model).__name__)
         raise ValueError(
             f"{arch} is trained from scratch in its paper; there are no ImageNet weights to load"
         )
-    if model.width != 1.0:
+
+
+def load_backbone_state(
+    model: nn.Module, source: Mapping[str, torch.Tensor], path: str
+) -> tuple[list[str], list[str]]:
+    """`load_backbone_weights` for tensors already read from `path`, in torchvision's layout: how
+    `--pretrained` copies Caffe's VGG16 once its layers are renamed."""
+    _check_source(model)
+    source_name = model.imagenet_source
+    arch = getattr(model, "arch", type(model).__name__)
+    target = model.state_dict()
+    first = "conv1.weight" if source_name == "resnet" else "features.0.weight"
+    ours = target.get(f"backbone.{first}" if source_name == "resnet" else first)
+    if model.width != 1.0 and (first not in source or ours is None or source[first].shape != ours.shape):
         raise ValueError(
             f"ImageNet weights need the paper's channels: {arch} was built with width={model.width}; "
             "rebuild it with width=1.0"
@@ -66,7 +83,6 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> tuple[list[str]
             f"{arch} backbone {expected} has a deep stem that torchvision's ImageNet ResNets lack; import "
             "the released checkpoint with `segpipe import-weights`, or use backbone=resnet50/resnet101"
         )
-    source, target = read_state_dict(path), model.state_dict()
     if source_name == "resnet":
         mapped, used = _map_resnet(source)
         wanted = [k for k in target if k.startswith("backbone.")]
@@ -147,11 +163,11 @@ def _map_vgg(
     """`features.*` by key; classifier.0 / classifier.3 reshaped (and decimated) into fc6.0 / fc7.0."""
     mapped = {k: v for k, v in source.items() if k.startswith("features.")}
     used = set(mapped)
-    for fc, (linear, in_ch, kernel) in VGG_FC.items():
+    for fc, (linear, kernel) in VGG_FC.items():
         weight, bias = source.get(f"{linear}.weight"), source.get(f"{linear}.bias")
-        if weight is None or bias is None or weight.ndim != 2 or weight.shape[1] != in_ch * kernel * kernel:
+        if weight is None or bias is None or weight.ndim != 2 or weight.shape[1] % (kernel * kernel):
             continue  # reported as missing by the caller
-        conv = weight.reshape(weight.shape[0], in_ch, kernel, kernel)
+        conv = weight.reshape(weight.shape[0], -1, kernel, kernel)
         mapped[f"{fc}.0.weight"], mapped[f"{fc}.0.bias"] = _decimate(
             conv, bias, target[f"{fc}.0.weight"].shape
         )

@@ -61,7 +61,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="keyword argument for build_model, repeatable (e.g. width=0.25, backbone=resnet18)",
     )
     p.add_argument(
-        "--pretrained", help="local torchvision ImageNet state dict (.safetensors or .pth) for the backbone"
+        "--pretrained",
+        help="backbone weights: a torchvision ImageNet state dict (.safetensors or .pth), or Caffe's "
+        "VGG_ILSVRC_16_layers.caffemodel for the VGG trunks (with --input-convention caffe_bgr)",
+    )
+    p.add_argument(
+        "--input-convention",
+        choices=["imagenet", "caffe_bgr"],
+        help="network input: ImageNet-normalised RGB (default) or BGR 0-255 minus Caffe's mean",
     )
     p.add_argument(
         "--init-from",
@@ -110,6 +117,7 @@ def _run_train(args: argparse.Namespace) -> None:
         model=args.model,
         data=args.data,
         pretrained=args.pretrained,
+        input_convention=args.input_convention,
         init_from=args.init_from,
         epochs=args.epochs,
         max_iters=args.max_iters,

@@ -11,7 +11,9 @@ sliding window + flip, EDeconvNet's fixed CRF). Each stage is an MLflow child ru
 finished stage is recorded in `<storage>/reproduce-<name>-<dataset>/<key>/state.json`, so re-running
 continues from the first unfinished stage (a training stage also resumes its checkpoints). The last
 stage's model is registered (alias `reproduced`), scored on the paper's split with its test-time
-procedure, and reported beside the published number for that split.
+procedure, and reported beside the published number for that split. As in the papers, every training
+stage keeps its final snapshot (`keep: final`): later stages start from it, ensembles average it and it
+is what is scored; the last training stage's best epoch is reported beside it.
 
 `--tiny` applies the recipe's `tiny` values (narrow networks, small crops, one epoch) to every training
 stage: the whole procedure runs in minutes on a CPU, which is how the tests run it. A tiny run on a
@@ -218,7 +220,7 @@ def stage_config(
     values = read_yaml(base) if base.is_file() else {"model": stage.train}
     splits = splits or recipe.splits.get(family, Splits())
     layers = [
-        {"train_split": splits.train, "val_split": splits.val},
+        {"train_split": splits.train, "val_split": splits.val, "keep": "final"},
         stage.set,
         stage.set_for.get(family, {}),
     ]
@@ -260,7 +262,9 @@ def check_stages(
         if stage.pretrained and not cfg.tiny and not cfg.pretrained:
             raise UserError(
                 f"stage {stage.name} starts from ImageNet weights, as the paper does: pass --pretrained "
-                f"FILE (torchvision's {stage.train} backbone, .safetensors or .pth), or --tiny for a smoke run"
+                f"FILE (torchvision's {stage.train} backbone, .safetensors or .pth, or Caffe's "
+                "VGG_ILSVRC_16_layers.caffemodel where the recipe sets input_convention caffe_bgr), or --tiny "
+                "for a smoke run"
             )
 
 
@@ -320,10 +324,13 @@ class RecipeRun:
     register_as: str
 
 
-def final_epoch_miou(client, run_id: str) -> float | None:
-    """A training run's val mIoU at its last epoch (the final snapshot), from the per-epoch history."""
+def best_epoch(client, run_id: str) -> dict[str, Any]:
+    """A training run's best epoch by val mIoU, from the per-epoch history: {"miou", "epoch"} (1-based)."""
     history = client.get_metric_history(run_id, "val_miou")
-    return max(history, key=lambda m: m.step).value if history else None
+    if not history:
+        return {"miou": None, "epoch": None}
+    best = max(history, key=lambda m: (m.value, -m.step))
+    return {"miou": best.value, "epoch": best.step + 1}
 
 
 def run_stage(stage: Stage, run: RecipeRun, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -349,8 +356,8 @@ def run_stage(stage: Stage, run: RecipeRun, outputs: dict[str, dict[str, Any]]) 
         return {
             "model_uri": result.model_uri,
             "run_id": result.run_id,
-            "val_miou": result.metrics.get("val_miou"),  # the best epoch's: the model the trainer keeps
-            "final_val_miou": final_epoch_miou(run.client, result.run_id),
+            "val_miou": result.metrics.get("val_miou"),  # the kept model's: the final snapshot
+            "best_epoch": best_epoch(run.client, result.run_id),
         }
     from pipelines.select.ensemble import EnsembleConfig, build_ensemble
 
@@ -523,10 +530,13 @@ def result_table(
     last_trained: dict[str, Any],
     note: str,
 ) -> dict[str, Any]:
-    """The published number beside ours on the same split: the registered result scored with the
-    paper's test-time procedure, and the last training stage's final epoch (the trainer keeps each
-    stage's best epoch, so that is what the later stages and the registered model start from)."""
+    """The published number beside ours on the same split: the registered result (each training stage's
+    final snapshot, as the papers report) scored with the paper's test-time procedure, and, as an extra
+    column, the last training stage's best epoch in its training run's val pass."""
     published = recipe.published.get(family)
+    trained = [s for s in recipe.stages_for(family) if s.train]
+    keep = stage_config(recipe, trained[-1], cfg, family, splits).keep if trained else "final"
+    best = last_trained.get("best_epoch") or {}
     same_split = published is not None and published.scored_on == splits.val
     if published is not None and not same_split:
         where = f"on {published.split}" if not published.scored_on else f"on {published.scored_on}"
@@ -539,10 +549,11 @@ def result_table(
             "miou": percent(scores["miou"]),
             "split": f"{splits.val} ({scores['images']} images)",
             "test": procedure,
-            "model": "best epoch of each training stage",
+            "model": f"{'final snapshot' if keep == 'final' else 'best epoch'} of each training stage",
         },
-        "final_epoch": {
-            "miou": percent(last_trained.get("final_val_miou")),
+        "best_epoch": {
+            "miou": percent(best.get("miou")),
+            "epoch": best.get("epoch"),
             "split": splits.val,
             "test": "whole image (the training run's val pass)",
         },
@@ -560,11 +571,11 @@ def published_entry(published: Published, multi_scale: bool) -> dict[str, Any]:
     return entry
 
 
-TABLE_HEADERS = ["recipe", "published", "published on", "ours", "ours, final epoch", "split", "test-time"]
+TABLE_HEADERS = ["recipe", "published", "published on", "ours", "ours, best epoch", "split", "test-time"]
 
 
 def table_row(table: dict[str, Any]) -> list[Any]:
-    """One `segpipe reproduce` result line: published | ours (registered, paper's test) | final epoch."""
+    """One `segpipe reproduce` result line: published | ours (final snapshot, paper's test) | best epoch."""
     published = table["published"] or {}
 
     def number(value):
@@ -575,7 +586,7 @@ def table_row(table: dict[str, Any]) -> list[Any]:
         number(published.get("miou")),
         published.get("split", "-"),
         number(table["ours"]["miou"]),
-        number(table["final_epoch"]["miou"]),
+        number(table["best_epoch"]["miou"]),
         f"{table['ours']['split']}{'' if table['same_split'] else ' (not the published split)'}",
         table["ours"]["test"],
     ]

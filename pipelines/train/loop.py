@@ -147,12 +147,29 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_input(images: torch.Tensor, device: torch.device, cfg: TrainConfig) -> torch.Tensor:
-    """uint8 N,H,W,3 -> ImageNet-normalised float N,3,H,W on `device`."""
-    from segmodels.transforms import normalize
+def input_convention(name: str):
+    """`TrainConfig.input_convention` -> the InputConvention the network is trained, validated and saved
+    with (the saved model's member spec carries it, so evaluate / predict / serve feed the same)."""
+    from pipelines.weights.releases import CAFFE_BGR
+    from segmodels.artifact import InputConvention
 
-    x = normalize(images.to(device, non_blocking=True))
-    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+    return {"imagenet": InputConvention(), "caffe_bgr": CAFFE_BGR}[name]
+
+
+def to_input(images: torch.Tensor, device: torch.device, cfg: TrainConfig) -> torch.Tensor:
+    """uint8 RGB N,H,W,3 -> float N,3,H,W on `device` in `cfg.input_convention`: ImageNet-normalised
+    RGB 0-1, or (caffe_bgr) BGR 0-255 minus Caffe's VGG mean, as Caffe's VGG16 and the FCN reference's
+    learning rates expect."""
+    convention = input_convention(cfg.input_convention)
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if convention.channel_order == "bgr":
+        x = x.flip(1)
+    if convention.scale != 255.0:
+        x = x.div_(255.0 / convention.scale)
+    mean = torch.tensor(convention.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(convention.std, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x.contiguous()
 
 
 def iter_train_batches(shard, cfg: TrainConfig, device: torch.device):
@@ -407,9 +424,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = build_model(cfg.model, len(classes), **cfg.model_args)
     if cfg.pretrained and ray.train.get_checkpoint() is None:
-        from segmodels import load_backbone_weights
+        from pipelines.train.init_from import load_pretrained
 
-        load_backbone_weights(model, cfg.pretrained)
+        load_pretrained(model, cfg.pretrained)
     if cfg.init_from and ray.train.get_checkpoint() is None:
         init_from(model, cfg, config, rank)
     freeze(model, cfg.freeze, train_only=cfg.train_only)

@@ -3,8 +3,9 @@
 `train(cfg)` checks everything it can before a worker starts (model and its arguments, dataset, class
 count, GPUs, storage, tracking server), then streams the augmented train split to DDP workers. Re-running
 with the same `run_name` and `storage` resumes from the last checkpoint and continues the same MLflow run.
-At the end the best checkpoint (by val mIoU) becomes a self-describing model folder logged as the run's
-`model` artifact, with prediction overlays and a confusion-matrix plot beside it.
+At the end the best checkpoint (by val mIoU), or with `keep: final` the last one, becomes a self-describing
+model folder logged as the run's `model` artifact, with prediction overlays and a confusion-matrix plot
+beside it.
 """
 
 from __future__ import annotations
@@ -65,11 +66,12 @@ def check_model(cfg: TrainConfig, num_classes: int) -> None:
 
     freeze(net, cfg.freeze, train_only=cfg.train_only)
     if cfg.pretrained:
+        from pipelines.train.init_from import check_pretrained, load_pretrained
+
+        check_pretrained(cfg)
         # Load into a CPU copy now: a missing file, a wrong architecture or a width != 1 fails here, not in a worker.
         try:
-            segmodels.load_backbone_weights(
-                segmodels.build_model(cfg.model, num_classes, **args), cfg.pretrained
-            )
+            load_pretrained(segmodels.build_model(cfg.model, num_classes, **args), cfg.pretrained)
         except (OSError, ValueError) as err:
             raise UserError(f"--pretrained {cfg.pretrained}: {err}") from None
 
@@ -233,7 +235,9 @@ def make_trainer(cfg: TrainConfig, data, run_id: str, callbacks: list | None = N
 
 
 def model_spec_from_state(state: dict[str, Any], name: str, source: str):
-    """Checkpoint state.json -> single-member ModelSpec (the registry's self-describing format)."""
+    """Checkpoint state.json -> single-member ModelSpec (the registry's self-describing format); the member
+    carries the input convention it was trained on."""
+    from pipelines.train.loop import input_convention
     from segmodels.artifact import MemberSpec, ModelSpec
 
     cfg = state["config"]
@@ -246,6 +250,7 @@ def model_spec_from_state(state: dict[str, Any], name: str, source: str):
         config=cfg,
         metrics=scores,
         source=source,
+        input=input_convention(cfg.get("input_convention", "imagenet")),
     )
     return ModelSpec.single(
         name,
@@ -258,7 +263,7 @@ def model_spec_from_state(state: dict[str, Any], name: str, source: str):
 
 
 def log_final_model(client, run_id: str, checkpoint, data, cfg: TrainConfig) -> dict[str, Any]:
-    """Best checkpoint -> model folder artifact + overlays + confusion plot; returns its metrics."""
+    """The kept checkpoint -> model folder artifact + overlays + confusion plot; returns its metrics."""
     import numpy as np
     from safetensors.torch import load_file
 
@@ -277,7 +282,7 @@ def log_final_model(client, run_id: str, checkpoint, data, cfg: TrainConfig) -> 
     client.log_figure(
         run_id, confusion_figure(np.asarray(state["confusion"]), state["classes"]), "confusion_matrix.png"
     )
-    # The logged model is the best epoch, not necessarily the last: record its own scores beside the curves.
+    # The logged model is the best or the final epoch (`keep`): record its own scores beside the curves.
     for key, value in state["metrics"].items():
         if key == "epoch" or (key.startswith("val_") and not key.startswith("val_iou_")):
             client.log_metric(run_id, f"model_{key}", float(value))
@@ -345,10 +350,12 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     )
     try:
         result = make_trainer(cfg, data, run_id, callbacks).fit()
+        # Ray keeps the latest checkpoint beside the best ones (CheckpointConfig.num_to_keep).
         best = result.get_best_checkpoint("val_miou", "max") or result.checkpoint
-        if best is None:
+        kept = result.checkpoint if cfg.keep == "final" else best
+        if kept is None:
             raise RuntimeError("training produced no checkpoint")
-        metrics = log_final_model(client, run_id, best, data, cfg)
+        metrics = log_final_model(client, run_id, kept, data, cfg)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -356,6 +363,6 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     return TrainResult(
         run_id=run_id,
         model_uri=f"runs:/{run_id}/{tracking.MODEL_ARTIFACT_PATH}",
-        checkpoint=best.path,
+        checkpoint=kept.path,
         metrics=metrics,
     )

@@ -87,6 +87,8 @@ def test_recipes_follow_the_reference_solvers_splits_and_units() -> None:
     (atonce,) = configs("fcn_atonce").values()
     assert (atonce.lr, atonce.loss_reduction, atonce.max_iters, atonce.flip) == (1e-10, "sum", 300_000, False)
     assert atonce.model_args == {"at_once": True, "fixed_upsampling": True}
+    # Caffe's input (BGR 0-255 minus the mean), which the 1e-10 rates assume; every stage keeps its final snapshot.
+    assert {(c.input_convention, c.keep) for c in [*staged.values(), atonce]} == {("caffe_bgr", "final")}
 
     deconv = configs("deconvnet")
     assert [
@@ -212,7 +214,7 @@ def test_pspnet_recipe_scoring_slides_windows_with_flip(tmp_path) -> None:
 
 def test_result_table_names_the_split_and_flags_a_published_number_on_another() -> None:
     scores = {"miou": 0.5, "images": 6}
-    last = {"final_val_miou": 0.4}
+    last = {"val_miou": 0.5, "best_epoch": {"miou": 0.6, "epoch": 3}}
     deeplab = result_table(
         load_recipe("deeplab"),
         ReproduceConfig(recipe="deeplab", data="d"),
@@ -224,17 +226,19 @@ def test_result_table_names_the_split_and_flags_a_published_number_on_another() 
         "",
     )
     assert deeplab["same_split"] and deeplab["note"] == ""
-    assert (deeplab["ours"]["miou"], deeplab["final_epoch"]["miou"], deeplab["ours"]["split"]) == (
+    assert (deeplab["ours"]["miou"], deeplab["best_epoch"]["miou"], deeplab["ours"]["split"]) == (
         50.0,
-        40.0,
+        60.0,
         "val (6 images)",
     )
+    assert deeplab["ours"]["model"] == "final snapshot of each training stage"
+    assert deeplab["best_epoch"]["epoch"] == 3
     assert table_row(deeplab)[:6] == [
         "deeplab",
         68.7,
         "VOC2012 val (1,449 images)",
         50.0,
-        40.0,
+        60.0,
         "val (6 images)",
     ]
     deconv = result_table(
@@ -337,7 +341,7 @@ def test_fcn_staged_then_edeconvnet_on_proposals(small_voc, mlflow_uri, tmp_path
     assert (
         0 <= fcn["table"]["ours"]["miou"] <= 100
         and fcn["table"]["ours"]["split"] == f"val ({VAL_IMAGES} images)"
-        and 0 <= fcn["table"]["final_epoch"]["miou"] <= 100
+        and 0 <= fcn["table"]["best_epoch"]["miou"] <= 100
     )
     runs = children(client, fcn["run_id"])
     stage_runs = [runs[n] for n in sorted(runs) if n.endswith(("fcn32s", "fcn16s", "fcn8s"))]

@@ -81,6 +81,11 @@ def test_no_matching_tensor_is_a_user_error(tmp_path) -> None:
         check_init_from(cfg, CLASSES, "")
     with pytest.raises(UserError, match="has no model.json"):
         check_init_from(TrainConfig(model="fcn16s", init_from=str(tmp_path / "missing")), CLASSES, "")
+    # A model trained on ImageNet-normalised RGB cannot start a Caffe-input (BGR 0-255) stage.
+    fcn32s, _ = trained_folder(tmp_path / "fcn32s", "fcn32s", **WIDTH)
+    caffe = TrainConfig(model="fcn16s", model_args=WIDTH, init_from=str(fcn32s), input_convention="caffe_bgr")
+    with pytest.raises(UserError, match="trained on rgb input at scale 1, but input_convention caffe_bgr"):
+        check_init_from(caffe, CLASSES, "")
 
 
 def test_rank_zero_logs_the_report_to_mlflow(tmp_path, mlflow_uri) -> None:

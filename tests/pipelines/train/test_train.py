@@ -81,13 +81,16 @@ def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp
 
 
 def test_rerun_with_same_name_resumes_without_logging_twice(tiny_config, mlflow_uri, capfd):
-    first = train(tiny_config(epochs=2, run_name="resume"))
-    second = train(tiny_config(epochs=3, run_name="resume"))
+    first = train(tiny_config(epochs=2, run_name="resume", keep="final"))
+    second = train(tiny_config(epochs=3, run_name="resume", keep="final"))
     assert "resuming resume from epoch 2 checkpoint" in capfd.readouterr().out
     assert second.run_id == first.run_id
     client = MlflowClient(mlflow_uri)
     for key in ("train_loss", "val_miou"):
         assert steps(client, second.run_id, key) == [0, 1, 2]
+    # keep: final logs the last epoch's model (the papers' final snapshot), whichever epoch scored best.
+    assert Path(second.checkpoint).name == "checkpoint_epoch_0002"
+    assert client.get_run(second.run_id).data.metrics["model_epoch"] == 2
 
 
 def _train_worker_pids() -> list[int]:

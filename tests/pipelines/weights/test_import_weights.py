@@ -814,3 +814,63 @@ def test_imported_model_predicts_through_the_evaluate_path(tmp_path, images) -> 
         reference = reference_fcn(blobs, bgr_input(images), 32, False).softmax(1)
     assert (probs.argmax(1) == reference.argmax(1)).float().mean() >= 0.999
     torch.testing.assert_close(probs, reference, atol=1e-3, rtol=0)
+
+
+def test_caffe_vgg16_as_pretrained_keeps_bgr_and_the_model_is_fed_caffe_input(tmp_path) -> None:
+    """`--pretrained VGG_ILSVRC_16_layers.caffemodel` (fc6/fc7 fully connected, legacy blobs) fills the
+    FCN trunk blob for blob with conv1_1's BGR input order kept; training feeds BGR 0-255 minus the mean
+    (input_convention caffe_bgr), and the saved model's spec makes evaluate feed the same."""
+    from pipelines.config import TrainConfig
+    from pipelines.train.init_from import check_pretrained, load_pretrained
+    from pipelines.train.loop import to_input
+    from pipelines.train.trainer import model_spec_from_state
+    from segmodels import build_model
+    from segmodels.artifact import save_model_dir
+
+    blobs = vgg_blobs(torch.Generator().manual_seed(7))
+    blobs["fc6"][0], blobs["fc7"][0] = blobs["fc6"][0].flatten(1), blobs["fc7"][0].flatten(1)  # InnerProduct
+    blobs["fc8"] = [torch.randn(1000, 4096 // W), torch.randn(1000)]
+    path = tmp_path / "VGG_ILSVRC_16_layers.caffemodel"
+    write_caffemodel(path, blobs, legacy=True)
+    cfg = TrainConfig(model="fcn8s", pretrained=str(path), input_convention="caffe_bgr")
+    check_pretrained(cfg)
+    with pytest.raises(UserError, match="set input_convention: caffe_bgr"):
+        check_pretrained(TrainConfig(model="fcn8s", pretrained=str(path)))
+    with pytest.raises(UserError, match="torchvision's weights take ImageNet-normalised RGB"):
+        check_pretrained(TrainConfig(model="fcn8s", pretrained="vgg16.pth", input_convention="caffe_bgr"))
+
+    model = build_model("fcn8s", C, width=1 / W)
+    missing, unused = load_pretrained(model, str(path))
+    assert torch.equal(model.features[0].weight, blobs["conv1_1"][0])  # input channels B, G, R as stored
+    assert torch.equal(model.features[28].weight, blobs["conv5_3"][0])
+    assert torch.equal(model.fc6[0].weight, blobs["fc6"][0].view(4096 // W, 512 // W, 7, 7))
+    assert torch.equal(model.fc7[0].bias, blobs["fc7"][1])
+    assert {k.split(".")[0] for k in missing} == {"score_fr", "score_pool4", "score_pool3", "upscore2",
+                                                  "upscore_pool4", "upscore8"}  # fmt: skip
+    assert sorted(unused) == ["fc8.bias", "fc8.weight"]
+    deconvnet = build_model("deconvnet", C, width=1 / W)  # BN trunk: conv i at features.3i, BN kept
+    load_pretrained(deconvnet, str(path))
+    assert torch.equal(deconvnet.features[3].weight, blobs["conv1_2"][0])
+
+    pixel = torch.tensor([[[[10, 120, 250]]]], dtype=torch.uint8)  # one RGB pixel
+    x = to_input(pixel, torch.device("cpu"), cfg)
+    assert torch.allclose(x.flatten(), torch.tensor([250.0, 120.0, 10.0]) - BGR_MEAN)
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (1, 40, 48, 3), dtype=torch.uint8, generator=gen)
+    state = {
+        "config": cfg.to_dict() | {"model_args": {"width": 1 / W}},
+        "classes": [f"c{i}" for i in range(C)],
+        "palette": [[i, i, i] for i in range(C)],
+        "metrics": {"val_miou": 0.5},
+        "fingerprint": "f",
+    }
+    spec = model_spec_from_state(state, "fcn8s-caffe", source="test")
+    assert spec.members[0].input.channel_order == "bgr" and spec.members[0].input.scale == 255
+    folder = save_model_dir(tmp_path / "model", spec, [model.state_dict()])
+    loaded = load_model_dir(folder)  # what evaluate / predict / serve load
+    model.eval()
+    with torch.no_grad():
+        trained_view = torch.softmax(model(to_input(images, torch.device("cpu"), cfg)), 1)
+        served = loaded.ensemble(loaded.normalize(images))
+    assert torch.allclose(served, trained_view, atol=1e-5)
