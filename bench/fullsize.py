@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import subprocess
@@ -47,19 +48,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kind_of(proc: psutil.Process, ray_root: str) -> str | None:
-    """Which kind of Ray process this is for the table, or None when it is not part of the rehearsal."""
-    try:
-        cmd = proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None
+def kind_of(cmd: list[str], parent: int, ray_root: str, raylets: set[int]) -> str | None:
+    """Which kind of process of this rehearsal's Ray head a command line is, or None when it is not one.
+
+    Workers rename themselves `ray::...` and keep no arguments, so they are told apart from other Ray
+    instances' workers (a test suite running beside the bench) by their parent: this head's raylet.
+    """
     head = cmd[0] if cmd else ""
-    if head.startswith("ray::"):
+    if parent in raylets:
         if "RayTrainWorker" in head:
             return "train workers"
         if "MapWorker" in head:
             return "model actors"
-        return "tasks"
+        return "tasks"  # Ray Data tasks, CRF tasks, idle workers
     if any(ray_root in part for part in cmd):
         return "ray system"
     return None
@@ -76,7 +77,7 @@ class Sampler(threading.Thread):
         self.store_peak = 0.0
         self.lock = threading.Lock()
         self.done = threading.Event()
-        self.kinds: dict[tuple[int, float], str | None] = {}  # (pid, start time) -> fixed kind
+        self.raylets: set[int] = set()  # this head's raylet: every Ray worker is its child
 
     def reset(self) -> dict[str, float]:
         with self.lock:
@@ -100,15 +101,14 @@ class Sampler(threading.Thread):
         while not self.done.wait(0.25):
             totals: dict[str, float] = defaultdict(float)
             peaks: dict[str, float] = {}
-            for proc in psutil.process_iter(["create_time"]):
+            for proc in psutil.process_iter(["name", "ppid", "cmdline"]):
+                info = proc.info
                 if proc.pid in self.drivers:
                     kind = "driver"
                 else:
-                    # Ray workers rename themselves (ray::IDLE -> ray::MapWorker(...)): read each time.
-                    key = (proc.pid, proc.info["create_time"] or 0.0)
-                    kind = self.kinds[key] if key in self.kinds else kind_of(proc, self.ray_root)
-                    if kind in (None, "ray system"):
-                        self.kinds[key] = kind
+                    kind = kind_of(info["cmdline"] or [], info["ppid"], self.ray_root, self.raylets)
+                    if kind == "ray system" and (info["name"] or "") == "raylet":
+                        self.raylets.add(proc.pid)
                 if kind is None:
                     continue
                 try:
@@ -132,7 +132,7 @@ class RayHead:
     def __init__(self, cpus: int):
         self.root = tempfile.mkdtemp(prefix="rayfs-", dir="/tmp")  # short: unix socket paths are limited
         self.port, dashboard = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.proc = subprocess.Popen(
             [
                 str(BIN / "ray"),
@@ -210,12 +210,17 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=8, help="val images (default: 8)")
     parser.add_argument("--crf-images", type=int, default=4, help="images of the CRF search (default: 4)")
     parser.add_argument("--width", type=float, default=0.125, help="network width (default: 1/8)")
+    parser.add_argument("--size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"))
+    parser.add_argument("--crf-grid", default="small", help="CRF search space (default: small, 12 + 6)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the Ray head")
     parser.add_argument("--skip-coco", action="store_true", help="leave out the COCO listing")
     parser.add_argument("--workdir", default="", help="keep the files here (default: a temporary folder)")
     parser.add_argument("--json-out", default="bench/out/fullsize.json")
     args = parser.parse_args()
 
+    # Token authentication, as a cluster runs it: the head, every stage and the sampler share one token.
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     swap_before = psutil.swap_memory().used
     work = Path(args.workdir or tempfile.mkdtemp(prefix="segpipe-fullsize-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -223,7 +228,6 @@ def main() -> None:
     sampler = Sampler(head.address, head.root)
     sampler.start()
     env = {**os.environ, "RAY_ADDRESS": head.address, "PYTHONWARNINGS": "ignore"}
-    env.pop("RAY_AUTH_MODE", None)
     tracking = f"sqlite:///{work / 'mlflow.db'}"
     common = ["--tracking-uri", tracking]
     results: list[dict] = []
@@ -233,7 +237,7 @@ def main() -> None:
         run_stage(
             "synth",
             ["synth", "--layout", "cityscapes", "--out", str(src), "--num-train", str(args.train),
-             "--num-val", str(args.val), "--size", "1024", "2048"],
+             "--num-val", str(args.val), "--size", *map(str, args.size)],
             sampler, env, results,
         )  # fmt: skip
         run_stage(
@@ -265,8 +269,8 @@ def main() -> None:
         run_stage(
             f"ensemble of 2 + CRF search on {args.crf_images}",
             ["ensemble", "--candidates", *uris, "--data", str(prepared), "--crf", "--crf-images",
-             str(args.crf_images), "--register-as", "fullsize", "--scratch", str(work / "scratch"), *common,
-             "--json-out", str(ensemble)],
+             str(args.crf_images), "--crf-grid", args.crf_grid, "--register-as", "fullsize",
+             "--scratch", str(work / "scratch"), *common, "--json-out", str(ensemble)],
             sampler, env, results,
         )  # fmt: skip
         run_stage(
@@ -284,7 +288,13 @@ def main() -> None:
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / GB:.0f} GiB",
-        "images": {"train": args.train, "val": args.val, "size": "2048x1024", "crf_images": args.crf_images},
+        "images": {
+            "train": args.train,
+            "val": args.val,
+            "size": f"{args.size[1]}x{args.size[0]}",
+            "crf_images": args.crf_images,
+            "crf_grid": args.crf_grid,
+        },
         "width": args.width,
         "stages": results,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -327,7 +337,10 @@ def print_table(summary: dict) -> None:
     from pipelines.report import format_table
 
     columns = [*KINDS, "object store"]
-    rows = [[r["stage"], r["seconds"], *(r.get(k, 0.0) or "-" for k in columns)] for r in summary["stages"]]
+    rows = [
+        [r["stage"], f"{r['seconds']:.0f}", *(f"{r[k]:.2f}" if r.get(k) else "-" for k in columns)]
+        for r in summary["stages"]
+    ]
     print(f"\nFull-size rehearsal on {summary['machine']} ({summary['images']}), peaks in GB:")
     print(format_table(["stage", "s", *columns], rows))
     print(f"total {summary['wall_s']:.0f} s; swap grew by {summary['swap_grew_mb']} MB")

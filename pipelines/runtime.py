@@ -21,6 +21,8 @@ VERBOSE_ENV = "SEGPIPE_VERBOSE"
 def set_verbose(on: bool) -> None:
     """Through the environment, so Ray workers started from this process see the same setting."""
     os.environ[VERBOSE_ENV] = "1" if on else "0"
+    # MLflow's per-file download bars (a model folder is ~100 files): only with --verbose.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if on else "false")
 
 
 def verbose() -> bool:
