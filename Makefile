@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-gpu clean
 
 # Idempotent: (re)installs only when the venv is missing or pyproject.toml changed since the last install.
 setup: $(STAMP)
@@ -28,8 +28,12 @@ lint: setup
 	$(BIN)/ruff check segmodels pipelines tests bench
 	$(BIN)/ruff format --check segmodels pipelines tests bench
 
+# CPU benchmarks; the GPU ones (bench/gpu_*.py) run together through `make bench-gpu` on a GPU machine.
 bench: setup
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/*.py; do case $$b in bench/gpu_*) continue;; esac; echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+bench-gpu: setup
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf .segpipe .pytest_cache .ruff_cache bench/out
