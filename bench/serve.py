@@ -82,7 +82,7 @@ def picture(width: int, height: int) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- baseline
-def baseline_app(folder: str, crf: bool):
+def baseline_app(folder: str, crf: bool, device: str = "cpu"):
     """The plain FastAPI app a user would write: one process, the model in memory, the same work."""
     from fastapi import FastAPI, Request, Response
 
@@ -92,7 +92,7 @@ def baseline_app(folder: str, crf: bool):
     from segmodels.artifact import load_model_dir
     from segmodels.crf import CRFParams, dense_crf
 
-    model = load_model_dir(folder)
+    model = load_model_dir(folder, device=device)
     torch.set_num_threads(os.cpu_count() or 1)
     api = FastAPI()
 
@@ -100,8 +100,10 @@ def baseline_app(folder: str, crf: bool):
         image = decode_upload(data, 4096 * 4096)
         probs = predict_batch(model, image[None], InferenceSettings())[0]
         if crf:
-            probs = torch.from_numpy(dense_crf(image, probs, CRFParams(**(model.spec.crf or {}))))
-        return palette_png(probs.max(0).indices.to(torch.uint8).numpy(), model.spec.palette)
+            probs = torch.from_numpy(
+                dense_crf(image, probs.cpu().numpy(), CRFParams(**(model.spec.crf or {})))
+            )
+        return palette_png(probs.max(0).indices.to(torch.uint8).cpu().numpy(), model.spec.palette)
 
     @api.post("/v1/segment")
     async def segment(request: Request) -> Response:
@@ -111,15 +113,15 @@ def baseline_app(folder: str, crf: bool):
     return api
 
 
-def run_baseline(folder: str, port: int, crf: bool) -> None:
+def run_baseline(folder: str, port: int, crf: bool, device: str) -> None:
     import uvicorn
 
-    uvicorn.run(baseline_app(folder, crf), host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(baseline_app(folder, crf, device), host="127.0.0.1", port=port, log_level="warning")
 
 
-def start_baseline(folder: Path, crf: bool) -> tuple[subprocess.Popen, str]:
+def start_baseline(folder: Path, crf: bool, device: str = "cpu") -> tuple[subprocess.Popen, str]:
     port = free_port()
-    argv = [sys.executable, __file__, "--baseline", str(folder), "--port", str(port)] + (
+    argv = [sys.executable, __file__, "--baseline", str(folder), "--port", str(port), "--device", device] + (
         ["--crf"] if crf else []
     )
     process = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
@@ -340,7 +342,7 @@ def measure(args, workdir: Path, data: bytes) -> dict:
     for case in args.cases:
         members, crf = CASES[case]
         folder = model_folder(workdir / case, members)
-        process, url = start_baseline(folder, crf)
+        process, url = start_baseline(folder, crf, args.device)
         try:
             for c in CONCURRENCY:
                 result[f"{case}_baseline_c{c}"] = measured(url, data, c, args.seconds)
@@ -348,7 +350,8 @@ def measure(args, workdir: Path, data: bytes) -> dict:
         finally:
             process.terminate()
             process.wait(30)
-        cfg = ServeConfig(model_uri=str(folder), port=free_port(), crf=crf, request_timeout_s=120)
+        gpu = {"member_gpus": 1.0} if args.device == "cuda" else {}  # one replica on the GPU
+        cfg = ServeConfig(model_uri=str(folder), port=free_port(), crf=crf, request_timeout_s=120, **gpu)
         result[f"{case}_sizing"] = dataclasses.asdict(replica_sizing(cfg, cluster_capacity()))
         print(case, "model replicas", result[f"{case}_sizing"], flush=True)
         url = start_server(cfg)
@@ -380,13 +383,16 @@ def main() -> None:
         action="store_true",
         help="also time how long Serve's default autoscaling takes to add a second model replica under load",
     )
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="cuda: the model on one GPU on both sides"
+    )
     parser.add_argument("--json-out", default="bench/out/serve.json")
     parser.add_argument("--baseline", help=argparse.SUPPRESS)  # internal: run the baseline server
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--crf", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline:
-        run_baseline(args.baseline, args.port, args.crf)
+        run_baseline(args.baseline, args.port, args.crf, args.device)
         return
     args.cases = args.cases.split(",")
     width, height = (int(v) for v in args.size.split("x"))
