@@ -128,8 +128,8 @@ def resolve(cfg: TrainConfig):
     for option, split in (("train_split", cfg.train_split), ("val_split", cfg.val_split)):
         if split not in data.manifest.splits:
             raise UserError(
-                f"{cfg.data} has no {split!r} split (has {', '.join(data.manifest.splits)}); "
-                f"re-run `segpipe prepare --splits train,val`"
+                f"{cfg.data} has no {split!r} split (has {', '.join(data.manifest.splits)}): set {option} "
+                f"to one of those, or re-run `segpipe prepare` with --splits {split}"
             )
     check_model(cfg, data.num_classes)
     epochs = schedule_epochs(cfg, data.manifest.splits[cfg.train_split].rows)
