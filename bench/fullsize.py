@@ -315,8 +315,7 @@ def run_stage_coco(sampler: Sampler, env: dict[str, str], work: Path, results: l
     out = work / "coco.json"
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "coco_listing.py"), "--workdir", str(work / "coco"),
-         "--json-out", str(out)],
+        [sys.executable, str(REPO / "bench" / "coco_listing.py"), "--json-out", str(out)],
         env=env, cwd=REPO,
     )  # fmt: skip
     sampler.drivers.add(proc.pid)
