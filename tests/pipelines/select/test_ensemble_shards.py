@@ -140,6 +140,8 @@ def test_segpipe_ensemble_selects_tunes_crf_and_registers(prepared_voc, make_can
         "--crf",
         "--crf-images",
         "3",
+        "--crf-grid",
+        "small",
         "--stride",
         "2",
         "--max-members",

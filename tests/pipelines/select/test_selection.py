@@ -180,6 +180,7 @@ def test_ensemble_scores_at_least_its_best_member_and_is_registered(searched, pr
             tracking_uri=store["uri"],
             experiment="selection",
             crf=True,
+            crf_grid="small",  # DeepLab's 54-setting grid runs in the reproduce test
         )
     )
     best_member = max(result["candidates"].values())
