@@ -154,7 +154,7 @@ def s3_latency(src: Path, latency_ms: float, images: int, repeat: int) -> dict:
     concurrent = sequential = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        rows = convert_batch(batch, dataset="voc", fs=fs, max_side=None)
+        rows = convert_batch(batch, layout=get_layout("voc"), fs=fs, max_side=None)
         concurrent = min(concurrent, time.perf_counter() - t0)
         t0 = time.perf_counter()
         serial_rows = [convert_sample(s, layout, fs, None) for s in samples]

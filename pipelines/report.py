@@ -41,15 +41,56 @@ def blend(
 
 
 def overlay_panel(
-    image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, palette: Sequence[Sequence[int]]
+    image: np.ndarray,
+    truth: np.ndarray | None,
+    pred: np.ndarray,
+    palette: Sequence[Sequence[int]],
+    classes: Sequence[str] = (),
 ) -> Image.Image:
-    """image | truth | prediction side by side (truth omitted when unknown)."""
+    """image | truth | prediction side by side (truth omitted when unknown), with a legend of the classes
+    in truth or prediction below when `classes` are given."""
     panels = [image, *([colorize(truth, palette)] if truth is not None else []), blend(image, pred, palette)]
     gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
     row = [panels[0]]
     for p in panels[1:]:
         row += [gap, p]
-    return Image.fromarray(np.concatenate(row, axis=1))
+    panel = np.concatenate(row, axis=1)
+    if classes:
+        shown = present_classes(pred, len(classes)) | (
+            present_classes(truth, len(classes)) if truth is not None else set()
+        )
+        panel = np.concatenate([panel, legend_strip(classes, palette, sorted(shown), panel.shape[1])], axis=0)
+    return Image.fromarray(panel)
+
+
+def present_classes(mask: np.ndarray, num_classes: int) -> set[int]:
+    """The class indices that occur in `mask` (ignore and out-of-range values left out)."""
+    counts = np.bincount(mask.ravel(), minlength=256)[:num_classes]
+    return {int(c) for c in np.flatnonzero(counts)}
+
+
+def legend_strip(
+    classes: Sequence[str], palette: Sequence[Sequence[int]], shown: Sequence[int], width: int
+) -> np.ndarray:
+    """A white strip `width` px wide naming `shown` classes beside their colour swatches, wrapped in rows."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    line, swatch, pad = 12, 9, 4
+    entries, x, y = [], pad, pad
+    for c in shown:
+        text_width = int(font.getlength(classes[c]))
+        step = swatch + 3 + text_width + 2 * pad
+        if x + step > width and x > pad:
+            x, y = pad, y + line
+        entries.append((c, x, y))
+        x += step
+    strip = Image.new("RGB", (width, y + line + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for c, ex, ey in entries:
+        draw.rectangle([ex, ey + 1, ex + swatch, ey + 1 + swatch], fill=tuple(palette[c]), outline=(0, 0, 0))
+        draw.text((ex + swatch + 3, ey), classes[c], fill=(0, 0, 0), font=font)
+    return np.asarray(strip)
 
 
 def confusion_figure(matrix: np.ndarray, classes: Sequence[str]):

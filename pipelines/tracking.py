@@ -238,6 +238,9 @@ def save_pyfunc(folder: Path, dst: Path) -> Path:
 
     import mlflow
 
+    from segmodels.artifact import read_spec
+
+    spec = read_spec(folder)
     packages = [Path(find_spec("segmodels").origin).parent, Path(__file__).parent]
     with tempfile.TemporaryDirectory(prefix="segpipe-code-") as tmp:
         # Ship the packages' sources only; byte code is the interpreter's business.
@@ -256,7 +259,10 @@ def save_pyfunc(folder: Path, dst: Path) -> Path:
                 pip_requirements=pyfunc_requirements(),
                 signature=pyfunc_signature(),
                 metadata={
-                    "segpipe.inputs": "uint8 array N,H,W,3 | DataFrame with an `image` column of bytes"
+                    "segpipe.inputs": "uint8 array N,H,W,3 | DataFrame with an `image` column of bytes",
+                    # What the output's class indices mean, for consumers that never open model.json.
+                    "segpipe.classes": list(spec.classes),
+                    "segpipe.palette": [list(c) for c in spec.palette],
                 },
             )
     return dst

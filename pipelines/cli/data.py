@@ -6,17 +6,24 @@ import argparse
 
 from pipelines.cli.common import write_json
 
+# The names pipelines.data.layouts.DATASETS and pipelines.data.synth.SYNTH_LAYOUTS define (tested equal),
+# spelt out so that `segpipe --help` imports neither numpy nor Pillow.
+DATASETS = ("voc", "voc_aug", "coco", "coco_voc", "cityscapes", "ade20k", "camvid", "folder")
+SYNTH_LAYOUTS = ("voc", "voc_aug", "coco", "cityscapes", "ade20k", "camvid", "folder")
+
 
 # ---------------------------------------------------------------------------------------------- synth
 def add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
-        help="write a small learnable dataset in a published layout (VOC, SBD, COCO, Cityscapes)",
+        help="write a small learnable dataset in a published layout (VOC, SBD, COCO, Cityscapes, ADE20K, "
+        "CamVid) or as a folder of images and masks",
         description="Write a synthetic dataset in exactly the published layout and file naming, "
         "for the demo and the tests: each class has its own colour and shape. Pass the result to "
-        "`segpipe prepare --root` (layout coco serves both --dataset coco and coco_voc).",
+        "`segpipe prepare --root` (layout coco serves both --dataset coco and coco_voc; layout folder writes images/, masks/ and "
+        "classes.yaml as `prepare --dataset folder` reads them).",
     )
-    p.add_argument("--layout", required=True, choices=["voc", "voc_aug", "coco", "cityscapes"])
+    p.add_argument("--layout", required=True, choices=list(SYNTH_LAYOUTS))
     p.add_argument("--out", required=True, help="folder to create the dataset in")
     p.add_argument("--num-train", type=int, default=32, help="training images (default: 32)")
     p.add_argument("--num-val", type=int, default=16, help="validation images (default: 16)")
@@ -57,15 +64,21 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         "DST/quarantine.jsonl and DST/manifest.json (last). S3 uses AWS_ENDPOINT_URL and the "
         "standard AWS credential variables.",
     )
-    p.add_argument("--dataset", required=True, choices=["voc", "voc_aug", "coco", "coco_voc", "cityscapes"])
+    p.add_argument("--dataset", required=True, choices=list(DATASETS))
     p.add_argument("--root", required=True, help="the dataset as published: folder or s3://bucket/prefix")
+    p.add_argument(
+        "--classes",
+        default="",
+        help="--dataset folder: the classes.txt / classes.yaml (default: the one in --root)",
+    )
     p.add_argument(
         "--out", required=True, help="where to write the prepared dataset: folder or s3://bucket/prefix"
     )
     p.add_argument(
         "--splits",
         default="",
-        help="comma-separated splits (default: train,val; voc_aug: train_aug,val,sbd_train,seg11valid)",
+        help="comma-separated splits (default: train,val; voc_aug: train_aug,val,sbd_train,seg11valid; "
+        "folder: every folder under images/)",
     )
     p.add_argument(
         "--max-side", type=int, help="downscale so the longer side is at most this (default: keep sizes)"
@@ -96,6 +109,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
         shard_mb=args.shard_mb,
         max_bad_fraction=args.max_bad_fraction,
         progress=not args.no_progress,
+        classes=args.classes,
     )
     try:
         result = prepare(cfg)

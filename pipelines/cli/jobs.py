@@ -120,8 +120,14 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole pipeline on generated data, on this machine",
-        description="synth (VOC layout) -> prepare -> tune two architectures -> ensemble -> "
-        "register and promote -> Ray Serve -> real HTTP requests, all locally.",
+        description="synth (VOC layout, or --layout folder: your own data's layout) -> prepare -> tune two "
+        "architectures -> ensemble -> register and promote -> Ray Serve -> real HTTP requests, all locally.",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("voc", "folder"),
+        default="voc",
+        help="the generated dataset: voc (PASCAL VOC layout) or folder (images/, masks/, classes.yaml)",
     )
     p.add_argument("--workdir", default="demo", help="where data, runs and overlays go (default: ./demo)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
@@ -146,6 +152,7 @@ def _run_demo(args: argparse.Namespace) -> None:
             num_val=args.num_val,
             port=args.port,
             keep_serving=args.keep_serving,
+            layout=args.layout,
         )
     )
     write_json(args.json_out, summary)

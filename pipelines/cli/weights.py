@@ -29,7 +29,7 @@ def add_import_weights(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--classes",
         default="",
-        help="voc, cityscapes, coco, cells or a file of class names (default: by count)",
+        help="voc, cityscapes, coco, ade20k, camvid, cells, or a classes.txt / classes.yaml (default: by count)",
     )
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument(

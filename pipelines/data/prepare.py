@@ -50,7 +50,7 @@ from pipelines.data.dataset import (
     encode_mask,
     parquet_schema,
 )
-from pipelines.data.layouts import BadSample, Layout, Rejected, Sample, get_layout
+from pipelines.data.layouts import BadSample, Layout, Rejected, Sample, check_dataset, get_layout
 from pipelines.data.layouts.base import check_class_values, describe_image_error
 from pipelines.errors import UserError
 
@@ -66,7 +66,7 @@ ROW_GROUP_BYTES = 16 * 2**20
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    dataset: str  # voc | voc_aug | coco | coco_voc | cityscapes
+    dataset: str  # voc | voc_aug | coco | coco_voc | cityscapes | ade20k | camvid | folder
     root: str  # the dataset as published: local path or s3://bucket/prefix
     out: str  # where the prepared dataset goes: local path or s3://bucket/prefix
     splits: tuple[str, ...] = ()  # () = the dataset's train and val
@@ -75,9 +75,12 @@ class PrepareConfig:
     max_bad_fraction: float = 0.01  # fail (publishing nothing) when more samples than this are quarantined
     batch_size: int = 32  # samples per map_batches task (fewer, larger tasks amortise Ray's per-task cost)
     progress: bool = True  # Ray Data progress bars
+    classes: str = ""  # folder: the classes file (default: ROOT/classes.yaml or ROOT/classes.txt)
 
     def __post_init__(self) -> None:
-        get_layout(self.dataset)  # raises UserError listing the valid names
+        check_dataset(self.dataset)  # raises UserError listing the valid names
+        if self.classes and self.dataset != "folder":
+            raise UserError(f"--classes is for --dataset folder; {self.dataset} has its published classes")
         if self.max_side is not None and self.max_side < 16:
             raise UserError(f"--max-side {self.max_side} is too small: use at least 16 (or leave it out)")
         if self.shard_mb <= 0:
@@ -235,11 +238,10 @@ def converted_schema() -> pa.Schema:
     return pa.schema(list(parquet_schema()) + [pa.field(n, t) for n, t in extra])
 
 
-def convert_batch(batch: pa.Table, *, dataset: str, fs: pafs.FileSystem, max_side: int | None) -> pa.Table:
+def convert_batch(batch: pa.Table, *, layout: Layout, fs: pafs.FileSystem, max_side: int | None) -> pa.Table:
     """map_batches body: every listed sample comes out, converted or with the reason it was rejected."""
     import pyarrow as pa
 
-    layout = get_layout(dataset)
     samples = [Sample(**record) for record in batch.to_pylist()]
     files: list = [None] * len(samples)
     if fs.type_name == "s3" and len(samples) > 1:
@@ -365,7 +367,9 @@ def _fingerprint(layout: Layout, max_side: int | None, digests: list[tuple[str, 
     return h.hexdigest()
 
 
-def _run_pipeline(samples: list[Sample], cfg: PrepareConfig, staging: str, run_id: str) -> list[dict]:
+def _run_pipeline(
+    samples: list[Sample], layout: Layout, cfg: PrepareConfig, staging: str, run_id: str
+) -> list[dict]:
     import ray.data
 
     from pipelines.runtime import ensure_ray
@@ -386,7 +390,7 @@ def _run_pipeline(samples: list[Sample], cfg: PrepareConfig, staging: str, run_i
             convert_batch,
             batch_size=None,  # one block = one batch of cfg.batch_size samples
             batch_format="pyarrow",
-            fn_kwargs={"dataset": cfg.dataset, "fs": source_fs, "max_side": cfg.max_side},
+            fn_kwargs={"layout": layout, "fs": source_fs, "max_side": cfg.max_side},
         )
         # Writing shards is I/O: it asks for no CPU, so it never holds a core the decoders could use.
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
@@ -432,9 +436,9 @@ def _publish(staging: str, out: str, manifest: Manifest) -> None:
 def prepare(cfg: PrepareConfig) -> PrepareResult:
     """Run the stage; raises UserError for bad inputs (before Ray starts) and TooManyBadSamples."""
     start = time.perf_counter()
-    layout = get_layout(cfg.dataset)
-    splits = cfg.splits or layout.default_splits
     root = cfg.root.rstrip("/") if storage.is_s3(cfg.root) else storage.fs_path(cfg.root)
+    layout = get_layout(cfg.dataset, root, cfg.classes)
+    splits = cfg.splits or layout.default_splits
     out = cfg.out.rstrip("/") if storage.is_s3(cfg.out) else storage.fs_path(cfg.out)
     samples, rejected = [], []
     for split in splits:
@@ -450,7 +454,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     run_id = uuid.uuid4().hex[:12]
     staging = storage.join(out, STAGING_PREFIX + run_id)
     try:
-        returns = _run_pipeline(samples, cfg, staging, run_id) if samples else []
+        returns = _run_pipeline(samples, layout, cfg, staging, run_id) if samples else []
         rejected += [Rejected(**r) for ret in returns for r in ret["rejected"]]
         digests = [d for ret in returns for d in ret["digests"]]
         quarantine = storage.join(out, QUARANTINE_NAME)

@@ -12,6 +12,12 @@ will be used:
   (1-90 with gaps), polygon instances that may overlap, and crowd regions as uncompressed RLE.
 - `cityscapes`: leftImg8bit/ + gtFine/ per split and city, with _labelIds, _color, _instanceIds PNGs and
   _polygons.json; void label ids (unlabeled, ego vehicle, static) appear as in the real data.
+- `ade20k`: ADEChallengeData2016/images/{training,validation}/ADE_*.jpg and annotations/.../ADE_*.png
+  (0 = other, 1-150 = the benchmark's classes; a few indoor and outdoor classes drawn).
+- `camvid`: SegNet's CamVid folders {train,val,test}/ and {train,val,test}annot/ with 11 classes + void (11).
+- `folder`: a team's own data as `prepare --dataset folder` reads it: classes.yaml with names and colours,
+  images/{train,val}/ (JPEG and PNG), masks/{train,val}/ alternately RGB colour masks and grayscale index
+  masks, each with a 3-px ignore band on object borders.
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from pipelines.errors import UserError
 
-SYNTH_LAYOUTS = ("voc", "voc_aug", "coco", "cityscapes")
+SYNTH_LAYOUTS = ("voc", "voc_aug", "coco", "cityscapes", "ade20k", "camvid", "folder")
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star", "cross", "ellipse")
 SIZES = ((96, 128), (104, 136), (112, 144), (120, 160))  # (H, W), VOC-like 4:3 variety
 CITYSCAPES_SIZE = (96, 192)  # the real 1024 x 2048, scaled down
 # COCO categories drawn: VOC ones (person, car, dog, bottle, chair, tv) and others (giraffe, pizza,
 # toothbrush), so `coco_voc` has both kept and dropped categories.
 COCO_DRAWN = (1, 3, 18, 44, 62, 72, 25, 59, 90)
+# ADE20K stored values drawn: sky, tree, person, car, lamp, bottle, flag (0 = "other" stays around them).
+ADE20K_DRAWN = (3, 5, 13, 21, 37, 99, 150)
+FOLDER_CLASSES = ("background", "scratch", "dent", "rust", "crack")  # a panel-inspection team's classes
 
 
 @dataclass(frozen=True)
@@ -126,11 +135,7 @@ def _size(cfg: SynthConfig, rng: np.random.Generator) -> tuple[int, int]:
 def voc_scene(cfg: SynthConfig, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
     """An image with 1-3 VOC objects and its class map (0-20, no void band)."""
     height, width = _size(cfg, rng)
-    image, label = background(rng, height, width), np.zeros((height, width), np.uint8)
-    for cls in rng.integers(1, 21, size=rng.integers(1, 4)):
-        region = rasterise(random_object(rng, height, width, SHAPES[cls % len(SHAPES)]), height, width)
-        paint(image, region, class_colour(cls - 1, 20), rng)
-        label[region] = cls
+    image, label = shapes_scene(height, width, rng, 20)
     return to_uint8(image), label
 
 
@@ -386,9 +391,112 @@ def write_cityscapes(cfg: SynthConfig, rng: np.random.Generator) -> Path:
     return root
 
 
+def shapes_scene(
+    height: int, width: int, rng: np.random.Generator, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A textured background with 1-3 objects of classes 1..num_classes, each class its own shape and
+    colour: the float image and the H x W class map (0 where no object is)."""
+    image, label = background(rng, height, width), np.zeros((height, width), np.uint8)
+    for cls in rng.integers(1, num_classes + 1, size=rng.integers(1, 4)):
+        region = rasterise(random_object(rng, height, width, SHAPES[cls % len(SHAPES)]), height, width)
+        paint(image, region, class_colour(cls - 1, num_classes), rng)
+        label[region] = cls
+    return image, label
+
+
+def folder_colours() -> list[tuple[int, int, int]]:
+    """The colours of FOLDER_CLASSES in their RGB masks: black background, then saturated hues."""
+    hues = [
+        tuple(int(v) for v in class_colour(k, len(FOLDER_CLASSES) - 1))
+        for k in range(len(FOLDER_CLASSES) - 1)
+    ]
+    return [(0, 0, 0), *hues]
+
+
+def write_folder(cfg: SynthConfig, rng: np.random.Generator) -> Path:
+    """images/{split}/panel_NNNN.{jpg,png}, masks/{split}/panel_NNNN.png (even: RGB colours, odd: indices,
+    255 = ignore band), classes.yaml."""
+    import yaml
+
+    root = Path(cfg.out)
+    colours = folder_colours()
+    classes = [{"name": n, "color": list(c)} for n, c in zip(FOLDER_CLASSES, colours, strict=True)]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": classes, "ignore_color": [255, 255, 255]}))
+    palette = np.array(colours + [(255, 255, 255)] * (256 - len(colours)), np.uint8)
+    k = 0
+    for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
+        for _ in range(count):
+            height, width = _size(cfg, rng)
+            image, label = shapes_scene(height, width, rng, len(FOLDER_CLASSES) - 1)
+            label = void_band(label, 3)
+            stem = f"panel_{k:04d}"
+            suffix = ".png" if k % 4 == 3 else ".jpg"
+            _save(
+                to_uint8(image),
+                root / "images" / split / f"{stem}{suffix}",
+                **({"quality": 90} if suffix == ".jpg" else {}),
+            )
+            mask = Image.fromarray(palette[label]) if k % 2 == 0 else Image.fromarray(label)
+            _save(mask, root / "masks" / split / f"{stem}.png")
+            k += 1
+    return root
+
+
+def write_ade20k(cfg: SynthConfig, rng: np.random.Generator) -> Path:
+    root = Path(cfg.out) / "ADEChallengeData2016"
+    for split, folder, count in (("train", "training", cfg.num_train), ("val", "validation", cfg.num_val)):
+        for k in range(count):
+            height, width = _size(cfg, rng)
+            image, label = shapes_scene(height, width, rng, len(ADE20K_DRAWN))
+            stored = np.array([0, *ADE20K_DRAWN], np.uint8)[label]  # 0 = "other" where nothing is drawn
+            stem = f"ADE_{split}_{k + 1:08d}"
+            _save(to_uint8(image), root / "images" / folder / f"{stem}.jpg", quality=90)
+            _save(Image.fromarray(stored), root / "annotations" / folder / f"{stem}.png")
+    return Path(cfg.out)
+
+
+def write_camvid(cfg: SynthConfig, rng: np.random.Generator) -> Path:
+    """SegNet's CamVid: street scenes of sky, building, road, sidewalk, trees, cars and people; void
+    (11) along the bottom rows, as the real frames' unlabelled car bonnet."""
+    from pipelines.data.layouts.camvid import CAMVID_CLASSES, CAMVID_PALETTE, VOID
+
+    index = {name: k for k, name in enumerate(CAMVID_CLASSES)}
+    root = Path(cfg.out) / "CamVid"
+    prefixes = {"train": "0001TP_", "val": "0016E5_", "test": "Seq05VD_f"}
+    for split, count in (("train", cfg.num_train), ("val", cfg.num_val), ("test", cfg.num_val)):
+        for k in range(count):
+            height, width = cfg.size or (96, 128)
+            layers = cityscapes_scene(height, width, rng)
+            image = background(rng, height, width)
+            label = np.full((height, width), VOID, np.uint8)
+            names = {"vegetation": "tree", "traffic sign": "sign", "person": "pedestrian", "ego vehicle": ""}
+            for name, polygon in layers:
+                name = names.get(name, name)
+                region = rasterise(polygon, height, width)
+                if name in index:
+                    paint(image, region, np.array(CAMVID_PALETTE[index[name]], float), rng)
+                    label[region] = index[name]
+                else:  # void: static objects, the car bonnet
+                    paint(image, region, np.array([40.0, 40.0, 40.0]), rng)
+                    label[region] = VOID
+            name = f"{prefixes[split]}{(k + 1) * 30:06d}.png"
+            _save(to_uint8(image), root / split / name)
+            _save(Image.fromarray(label), root / f"{split}annot" / name)
+    return Path(cfg.out)
+
+
 def synthesize(cfg: SynthConfig) -> Path:
     """Write a synthetic dataset in `cfg.layout`'s published layout under `cfg.out`; returns the root to pass
     to `segpipe prepare --root`."""
     rng = np.random.default_rng(cfg.seed)
-    writers = {"voc": write_voc, "voc_aug": write_voc_aug, "coco": write_coco, "cityscapes": write_cityscapes}
+    writers = {
+        "voc": write_voc,
+        "voc_aug": write_voc_aug,
+        "coco": write_coco,
+        "cityscapes": write_cityscapes,
+        "ade20k": write_ade20k,
+        "camvid": write_camvid,
+        "folder": write_folder,
+    }
     return writers[cfg.layout](cfg, rng)

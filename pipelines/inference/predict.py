@@ -5,7 +5,8 @@ per actor, on GPUs when the cluster has them, same-size images batched within a 
 or float16 probabilities for the CRF, leave it) -> dense CRF (one Ray task per image holding a whole CPU and
 the memory its CRF needs, when asked) -> encode and write (CPU tasks). Blocks move on as soon as they are ready, so memory stays bounded however many images
 there are. Unreadable or oversized inputs are listed in DST/quarantine.jsonl with the reason and the rest
-is written; an input whose output already exists is skipped, so a re-run resumes.
+is written; an input whose output already exists is skipped, so a re-run resumes. DST/classes.json names
+each class index with its colour (the model's classes, from the dataset it was trained on).
 
 Formats (`FORMATS`): `png` palette masks named after the input (relative paths kept); `overlay` the
 prediction painted over the image; `parquet` (image_id, mask PNG bytes, height, width); `voc` the PASCAL
@@ -36,6 +37,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".
 VOC_RESULTS = "results/VOC2012/Segmentation/comp6_test_cls"
 CITYSCAPES_NAME = re.compile(r"(?P<city>[^/_]+(?:_[^/_]+)*?)_(?P<seq>\d{6})_(?P<frame>\d{6})")
 QUARANTINE = "quarantine.jsonl"
+LEGEND = "classes.json"  # what the masks' indices and the overlays' colours mean
 SPLIT_INPUT = re.compile(r"^(?P<root>.+):(?P<split>[A-Za-z0-9_.-]+)$")  # DST_PREPARED:val
 
 
@@ -428,6 +430,11 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     quarantine_uri = storage.join(cfg.out, QUARANTINE)
     storage.write_text(quarantine_uri, "".join(json.dumps(r) + "\n" for r in quarantined))
+    legend = [
+        {"index": i, "name": n, "color": list(c)}
+        for i, (n, c) in enumerate(zip(spec.classes, spec.palette, strict=True))
+    ]
+    storage.write_text(storage.join(cfg.out, LEGEND), json.dumps({"classes": legend}, indent=1) + "\n")
     return {
         "model_uri": cfg.model_uri,
         "input": cfg.input,

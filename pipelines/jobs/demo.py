@@ -1,7 +1,7 @@
 """`segpipe models` and `segpipe demo`: what a newcomer runs first.
 
 The demo is the real pipeline on a generated dataset, all on this machine: `synth` writes PASCAL VOC's
-layout, `retrain` prepares it with Ray Data, searches two architectures with Ray Tune (each trial a Ray
+layout (or, with `--layout folder`, a team's own data: images/, masks/ and classes.yaml), `retrain` prepares it with Ray Data, searches two architectures with Ray Tune (each trial a Ray
 Train run), selects an ensemble, registers it and promotes it, then Ray Serve serves the champion and
 real HTTP requests segment a few validation images.
 """
@@ -74,6 +74,9 @@ def print_model_table(rows: list[dict], size: tuple[int, int]) -> None:
     )
 
 
+DEMO_LAYOUTS = ("voc", "folder")
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     workdir: str = "demo"
@@ -83,8 +86,11 @@ class DemoConfig:
     num_val: int = 16
     port: int = 8000
     keep_serving: bool = False
+    layout: str = "voc"  # voc | folder (images/ + masks/ + classes.yaml: the own-data path)
 
     def __post_init__(self) -> None:
+        if self.layout not in DEMO_LAYOUTS:
+            raise UserError(f"--layout {self.layout!r}: choose one of {', '.join(DEMO_LAYOUTS)}")
         if self.epochs < 1 or self.trials < 1:
             raise UserError(f"--epochs and --trials must be >= 1, got {self.epochs} and {self.trials}")
         if self.num_train < 8 or self.num_val < 4:
@@ -111,7 +117,7 @@ def demo_retrain_config(cfg: DemoConfig, source: Path, work: Path) -> dict[str, 
     }
     return {
         "name": "demo",
-        "source": {"dataset": "voc", "root": str(source)},
+        "source": {"dataset": cfg.layout, "root": str(source)},
         "prepared": str(work / "prepared"),
         "storage": str(work / "ray_results"),
         "tracking_uri": f"sqlite:///{work / 'mlruns' / 'mlflow.db'}",
@@ -162,9 +168,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    print(f"[segpipe demo] 1/4 generating a PASCAL VOC-layout dataset in {work / 'voc'}")
+    what = {
+        "voc": "a PASCAL VOC-layout dataset",
+        "folder": "an own-data folder (images/, masks/, classes.yaml)",
+    }
+    print(f"[segpipe demo] 1/4 generating {what[cfg.layout]} in {work / cfg.layout}")
     source = synthesize(
-        SynthConfig(layout="voc", out=str(work / "voc"), num_train=cfg.num_train, num_val=cfg.num_val, seed=0)
+        SynthConfig(
+            layout=cfg.layout,
+            out=str(work / cfg.layout),
+            num_train=cfg.num_train,
+            num_val=cfg.num_val,
+            seed=0,
+        )
     )
     config_file = work / "retrain-demo.yaml"
     config_file.write_text(yaml.safe_dump(demo_retrain_config(cfg, source, work), sort_keys=False))
@@ -184,9 +200,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         print("[segpipe demo] 4/4 segmenting validation images over HTTP")
         overlays = work / "overlays"
         overlays.mkdir(exist_ok=True)
-        voc = source / "VOCdevkit" / "VOC2012"
-        val_ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:4]
-        images = [voc / "JPEGImages" / f"{image_id}.jpg" for image_id in val_ids]
+        images = val_images(cfg.layout, source)[:4]
         answers = []
         for image in images:
             answers.append(json.loads(post_image(url, image, "?format=json")))
@@ -200,6 +214,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     finally:
         stop_server()
     return summary
+
+
+def val_images(layout: str, source: Path) -> list[Path]:
+    """The generated dataset's validation images, in file order."""
+    if layout == "folder":
+        return sorted((source / "images" / "val").iterdir())
+    voc = source / "VOCdevkit" / "VOC2012"
+    val_ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    return [voc / "JPEGImages" / f"{image_id}.jpg" for image_id in val_ids]
 
 
 def summarise(

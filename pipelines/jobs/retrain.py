@@ -31,6 +31,7 @@ class SourceConfig:
     splits: str = "train,val"
     max_side: int = 0
     max_bad_fraction: float = 0.01
+    classes: str = ""  # dataset folder: the classes file (default: the one in root)
 
 
 @config_model
@@ -119,11 +120,17 @@ def _prepare_step(cfg: RetrainConfig, fingerprint: str) -> dict[str, Any]:
             splits=tuple(src.splits.split(",")),
             max_side=src.max_side or None,
             max_bad_fraction=src.max_bad_fraction,
+            classes=src.classes,
         )
     )
     storage.write_text(marker, fingerprint + "\n")
-    out = result.to_dict() if hasattr(result, "to_dict") else dict(result)
-    return {"skipped": False, "fingerprint": out.get("fingerprint"), "rows": out.get("rows")}
+    rows = {split: summary.rows for split, summary in result.splits.items()}
+    return {
+        "skipped": False,
+        "fingerprint": result.fingerprint,
+        "rows": rows,
+        "quarantined": result.quarantined,
+    }
 
 
 def _tune_step(cfg: RetrainConfig, cycle: str, parent_id: str) -> dict[str, Any]:

@@ -54,15 +54,20 @@ def render(
     from pipelines.report import blend, palette_png
 
     started = time.perf_counter()
-    headers = {"X-Model-Name": spec.name, "X-Model-Version": version}
+    counts = np.bincount(mask.ravel(), minlength=len(spec.classes))
+    present = [c for c in range(len(spec.classes)) if counts[c]]
+    headers = {
+        "X-Model-Name": spec.name,
+        "X-Model-Version": version,
+        # Indices into /v1/model's classes and palette: the legend of this mask (names may not be ASCII).
+        "X-Classes-Present": ",".join(map(str, present)),
+    }
     if fmt == "png":
         return Reply(palette_png(mask, spec.palette), "image/png", headers=headers)
     if fmt == "overlay":
         buffer = io.BytesIO()
         Image.fromarray(blend(image, mask, spec.palette)).save(buffer, format="JPEG", quality=90)
         return Reply(buffer.getvalue(), "image/jpeg", headers=headers)
-    counts = np.bincount(mask.ravel(), minlength=len(spec.classes))
-    present = [c for c in range(len(spec.classes)) if counts[c]]
     seconds = {**seconds, "postprocess": time.perf_counter() - started}
     answer = {
         "model": {"name": spec.name, "version": version},

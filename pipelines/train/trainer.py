@@ -309,7 +309,9 @@ def log_overlays(client, run_id: str, model_dir: Path, data, split: str, count: 
         with torch.no_grad():
             probs = model.ensemble(model.normalize(torch.from_numpy(image.copy())[None]))
         pred = probs.argmax(1)[0].numpy().astype("uint8")
-        overlay_panel(image, truth, pred, model.spec.palette).save(out / f"{row['image_id']}.png")
+        overlay_panel(image, truth, pred, model.spec.palette, model.spec.classes).save(
+            out / f"{row['image_id']}.png"
+        )
     client.log_artifacts(run_id, str(out), "overlays")
 
 

@@ -19,8 +19,8 @@ from typing import Any
 from pipelines.errors import UserError
 
 FORMATS = ("auto", "caffe", "torch", "mmseg", "semseg")
-CLASS_SETS = ("voc", "cityscapes", "coco", "cells")
-DEFAULT_CLASSES = {21: "voc", 19: "cityscapes", 81: "coco", 2: "cells"}
+CLASS_SETS = ("voc", "cityscapes", "coco", "ade20k", "camvid", "cells")
+DEFAULT_CLASSES = {21: "voc", 19: "cityscapes", 81: "coco", 150: "ade20k", 11: "camvid", 2: "cells"}
 BINARY_SETS = {"cells": ["background", "cell"]}  # U-Net's ISBI cell-tracking releases
 FINAL_LAYER = {  # the classifier whose output count is the number of classes
     "fcn32s": "score_fr.weight",
@@ -100,12 +100,13 @@ def detect_format(state: dict[str, Any]) -> str:
 def class_set(choice: str, num_classes: int) -> tuple[list[str], list[list[int]]]:
     """Class names and palette for `--classes` (a known set or a file), checked against the file's count."""
     from pipelines.data.layouts import get_layout
+    from pipelines.data.layouts.folder import parse_class_file
     from pipelines.data.layouts.voc import voc_colormap
 
     choice = choice or DEFAULT_CLASSES.get(num_classes, "")
     if not choice:
         raise UserError(
-            f"the file predicts {num_classes} classes: pass --classes voc|cityscapes|coco or a text file "
+            f"the file predicts {num_classes} classes: pass --classes {'|'.join(CLASS_SETS)} or a classes file "
             "with one class name per line"
         )
     if choice in BINARY_SETS:
@@ -115,11 +116,10 @@ def class_set(choice: str, num_classes: int) -> tuple[list[str], list[list[int]]
         layout = get_layout(choice)
         classes, palette = list(layout.classes), [list(c) for c in layout.palette]
     else:
-        path = Path(choice)
-        if not path.is_file():
+        if not Path(choice).is_file():
             raise UserError(f"--classes {choice}: not one of {', '.join(CLASS_SETS)} nor an existing file")
-        classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        palette = [list(c) for c in voc_colormap(len(classes))]
+        class_list = parse_class_file(choice)  # classes.txt or classes.yaml, as `prepare --dataset folder`
+        classes, palette = list(class_list.names), [list(c) for c in class_list.palette]
     if len(classes) != num_classes:
         raise UserError(
             f"--classes {choice} has {len(classes)} classes but the file predicts {num_classes}; "

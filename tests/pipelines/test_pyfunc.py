@@ -40,11 +40,12 @@ USER_SCRIPT = textwrap.dedent(
     out = {}
     for uri in sys.argv[3:]:
         model = mlflow.pyfunc.load_model(uri)
+        classes = model.metadata.metadata["segpipe.classes"]
         masks = model.predict(images)
         frame = model.predict(pd.DataFrame({"image": encoded}))
         decoded = [np.asarray(Image.open(io.BytesIO(b))) for b in frame["mask"]]
         modes = [Image.open(io.BytesIO(b)).mode for b in frame["mask"]]
-        out[uri] = {"dtype": str(masks.dtype), "masks": masks.tolist(),
+        out[uri] = {"dtype": str(masks.dtype), "masks": masks.tolist(), "classes": classes,
                     "decoded": [d.tolist() for d in decoded], "modes": modes}
     json.dump(out, open(sys.argv[2], "w"))
     """
@@ -71,6 +72,10 @@ def test_fresh_process_loads_run_and_registered_ensemble(model_folder, mlflow_ur
     mlmodel = yaml.safe_load((logged / "MLmodel").read_text())
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert {p["name"] for p in json.loads(mlmodel["signature"]["params"])} == {"scales", "flip"}
+    assert (
+        mlmodel["metadata"]["segpipe.classes"] == CLASSES
+        and mlmodel["metadata"]["segpipe.palette"] == PALETTE
+    )
     requirements = (logged / "requirements.txt").read_text()
     assert "torch==" in requirements and "safetensors==" in requirements
     assert not list(logged.rglob("*.pkl")), "the model must not be pickled"
@@ -96,7 +101,7 @@ def test_fresh_process_loads_run_and_registered_ensemble(model_folder, mlflow_ur
     for uri, folder in zip(uris, (single, pair), strict=True):
         want = expected_masks(folder, images)
         got = out[uri]
-        assert got["dtype"] == "uint8"
+        assert got["dtype"] == "uint8" and got["classes"] == CLASSES  # the class names reach the user
         np.testing.assert_array_equal(np.array(got["masks"]), want)
         assert got["modes"] == ["P", "P"]
         np.testing.assert_array_equal(np.array(got["decoded"]), want)  # input-sized palette PNGs

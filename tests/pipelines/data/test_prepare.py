@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 import pipelines.data
 from pipelines.cli import build_parser, main
 from pipelines.data.dataset import COLUMNS, decode_image, decode_mask, open_prepared
-from pipelines.data.layouts import LAYOUTS, get_layout
+from pipelines.data.layouts import DATASETS, get_layout
 from pipelines.data.layouts.cityscapes import CITYSCAPES_CLASSES, label_id_to_train_id
 from pipelines.data.layouts.coco import COCO_CATEGORIES, COCO_VOC_IDS, annotations_to_mask, category_to_class
 from pipelines.data.layouts.voc import VOC_CLASSES
@@ -488,5 +488,5 @@ def test_roots_at_every_published_depth(sources):
 def test_cli_choices_match_the_readers_and_writers():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     options = {name: {a.dest: a.choices for a in p._actions} for name, p in sub.choices.items()}
-    assert tuple(options["prepare"]["dataset"]) == tuple(LAYOUTS)
+    assert tuple(options["prepare"]["dataset"]) == DATASETS
     assert tuple(options["synth"]["layout"]) == SYNTH_LAYOUTS

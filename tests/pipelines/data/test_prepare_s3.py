@@ -134,11 +134,13 @@ def test_s3_reads_of_a_batch_run_concurrently_and_still_quarantine(tmp_path):
 
     fs = SlowS3()
     started = time.perf_counter()
-    slow = convert_batch(batch, dataset="voc", fs=fs, max_side=None).to_pylist()
+    slow = convert_batch(batch, layout=get_layout("voc"), fs=fs, max_side=None).to_pylist()
     seconds = time.perf_counter() - started
     assert fs.reads == 16 and fs.peak >= 2, (fs.reads, fs.peak)  # 8 images + 8 labels
     assert seconds < 0.2 * fs.reads / 2  # sequential GETs would take 3 s
-    local = convert_batch(batch, dataset="voc", fs=pafs.LocalFileSystem(), max_side=None).to_pylist()
+    local = convert_batch(
+        batch, layout=get_layout("voc"), fs=pafs.LocalFileSystem(), max_side=None
+    ).to_pylist()
     assert slow == local
     assert [r["reason"] for r in slow if r["reason"]] == ["file does not exist"]
     assert slow[3]["path"] == str(missing)

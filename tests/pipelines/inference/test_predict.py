@@ -72,6 +72,10 @@ def test_formats_quarantine_and_resume(ray_session, model_folder, tmp_path, caps
     assert reasons.keys() == {"huge", "broken"}
     assert reasons["huge"].startswith("oversized") and "--max-pixels" in reasons["huge"]
     assert reasons["broken"].startswith("unreadable image")
+    legend = json.loads((out / "classes.json").read_text())["classes"]
+    assert [(c["name"], c["color"]) for c in legend] == [
+        (n, list(c)) for n, c in zip(VOC_CLASSES, VOC_PALETTE, strict=True)
+    ]
 
     # Resumable: a second run writes nothing new and leaves the outputs as they were.
     before = (out / "a.png").stat().st_mtime_ns
@@ -188,7 +192,7 @@ def test_s3_in_and_out(ray_session, model_folder, s3, tmp_path):
     result = predict(cfg)
     assert (result["written"], result["quarantined"]) == (3, 2)
     listed = storage.list_files(f"{s3}/out")
-    assert set(listed) == {"a.png", "nested/b.png", "nested/deeper/c.png", "quarantine.jsonl"}
+    assert set(listed) == {"a.png", "nested/b.png", "nested/deeper/c.png", "quarantine.jsonl", "classes.json"}
     mask = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{s3}/out/nested/b.png"))))
     np.testing.assert_array_equal(mask, expected(folder, images["nested/b.png"]))
     assert predict(cfg)["skipped"] == 3

@@ -52,7 +52,7 @@ def test_every_recipe_and_its_tiny_variant_validate_without_training() -> None:
     assert recipe_names() == RECIPES
     for name in RECIPES:
         recipe = load_recipe(name)
-        for family in ("voc", "cityscapes"):
+        for family in ("voc", "cityscapes", *{"pspnet": ["ade20k"], "dilation": ["camvid"]}.get(name, [])):
             check_stages(recipe, ReproduceConfig(recipe=name, data="d", tiny=True), FakeData, family)
         if any(stage.pretrained for stage in recipe.stages):
             with pytest.raises(UserError, match="starts from ImageNet weights, as the paper does"):
@@ -113,6 +113,17 @@ def test_recipes_follow_the_reference_solvers_splits_and_units() -> None:
     # The context stage does not inherit the front end's momentum 0.99 (a 10x larger step).
     assert {c.momentum for c in (voc["context"], city["context"], city["joint"])} == {0.9}
     assert voc["front_end"].momentum == 0.99
+
+    camvid = configs("dilation", "camvid")  # Dilation8: the basic context module of 8 layers
+    assert list(camvid) == ["front_end", "context"]
+    assert camvid["context"].model_args == {"context": "basic", "context_layers": 8, "padding": "valid"}
+    assert (camvid["front_end"].crop, camvid["front_end"].max_iters, camvid["front_end"].momentum) == (
+        360,
+        40_000,
+        0.99,
+    )
+    (ade,) = configs("pspnet", "ade20k").values()  # hszhao/semseg config/ade20k/ade20k_pspnet50.yaml
+    assert (ade.crop, ade.epochs, ade.batch_size, ade.aux_weight, ade.lr) == (473, 100, 16, 0.4, 0.01)
 
     recipe = load_recipe("deeplab")
     assert recipe.published["voc"].miou == 68.7 and recipe.published["voc"].scored_on == "val"
@@ -281,6 +292,7 @@ def test_list_prints_every_recipe_with_its_stages_and_published_number(capsys) -
     assert "stage1 20k it x 64 -> stage2 40k it x 64" in rows[("deconvnet", "voc")]
     assert "68.7" in rows[("deeplab", "voc")] and "77.05" in rows[("pspnet", "voc")]
     assert "92.03" in rows[("unet", "cells")]
+    assert "41.89" in rows[("pspnet", "ade20k")] and "65.3" in rows[("dilation", "camvid")]
 
     assert main(["reproduce", "fcn"]) == 2
     assert "give a RECIPE and --data PREPARED" in capsys.readouterr().err

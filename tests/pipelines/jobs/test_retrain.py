@@ -17,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
+from pipelines.data.synth import FOLDER_CLASSES
 from pipelines.jobs.retrain import load_retrain, retrain
 
 pytestmark = pytest.mark.slow
@@ -260,7 +261,8 @@ def test_bad_retrain_file_fails_before_any_work(voc_source, tmp_path):
 
 
 def test_demo_runs_the_whole_mission(tmp_path):
-    """`segpipe demo` end to end (fewer epochs than `make demo`): every stage, real HTTP at the end."""
+    """`segpipe demo --layout folder` end to end (fewer epochs than `make demo`): a team's own data (images/,
+    masks/, classes.yaml) through every stage, real HTTP at the end, its own class names in every answer."""
     port = _free_port()
     out = tmp_path / "demo.json"
     proc = subprocess.run(
@@ -269,6 +271,8 @@ def test_demo_runs_the_whole_mission(tmp_path):
             "-m",
             "pipelines.cli",
             "demo",
+            "--layout",
+            "folder",
             "--workdir",
             str(tmp_path / "demo"),
             "--epochs",
@@ -299,8 +303,18 @@ def test_demo_runs_the_whole_mission(tmp_path):
     ):
         assert text in proc.stdout
     summary = json.loads(out.read_text())
-    assert len(summary["answers"]) == 4 and all("classes_present" in a for a in summary["answers"])
+    assert len(summary["answers"]) == 4 and all(a["classes_present"] for a in summary["answers"])
+    assert {c for a in summary["answers"] for c in a["classes_present"]} <= set(FOLDER_CLASSES)
     assert len(list(Path(summary["overlays"]).glob("*-overlay.jpg"))) == 4
+    # The registered champion carries the folder's classes and colours: model.json and the pyfunc metadata.
+    import mlflow
+
+    champion = summary["retrain"]["champion"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'demo' / 'mlruns' / 'mlflow.db'}")
+    metadata = mlflow.models.get_model_info(champion).metadata
+    colours = yaml.safe_load((tmp_path / "demo" / "folder" / "classes.yaml").read_text())["classes"]
+    assert metadata["segpipe.classes"] == list(FOLDER_CLASSES)
+    assert metadata["segpipe.palette"] == [c["color"] for c in colours]
 
 
 def test_demo_refuses_bad_sizes_before_any_work(tmp_path, capsys):

@@ -450,6 +450,9 @@ def test_masks_have_the_input_size_and_the_palette(endpoint, mode, fmt, size):
     overlay = post(url, data, media, fmt="overlay")
     assert overlay.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(overlay.content)).size == size
+    # The legend of the answer: indices into the model's classes, the same classes the JSON names.
+    present = [CLASSES[int(i)] for i in overlay.headers["x-classes-present"].split(",")]
+    assert present == summary["classes_present"]
 
     upload = httpx.post(f"{url}/v1/segment", files={"file": (f"x.{fmt.lower()}", data, media)}, timeout=60)
     assert upload.status_code == 200 and Image.open(io.BytesIO(upload.content)).size == size
@@ -815,6 +818,13 @@ def test_the_upload_page_shows_the_overlay_in_headless_chromium(endpoint, browse
     )
     assert size == [160, 120, "block"]
     assert "street.jpg" in browser.evaluate("document.getElementById('status').textContent")
+    # The legend names the answer's classes with their palette colours.
+    answer = httpx.post(endpoint["url"] + "/v1/segment?format=json", content=picture.read_bytes(),
+                        headers={"Content-Type": "image/jpeg"}, timeout=60).json()  # fmt: skip
+    items = browser.evaluate("[...document.querySelectorAll('#legend li')].map(li => li.textContent)")
+    assert items == answer["classes_present"] and items
+    colour = browser.evaluate("document.querySelector('#legend .swatch').style.background")
+    assert colour == "rgb({}, {}, {})".format(*PALETTE[CLASSES.index(items[0])])
 
 
 # ---------------------------------------------------------------------------------------------- CLI
