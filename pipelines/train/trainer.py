@@ -119,6 +119,7 @@ def schedule_epochs(cfg: TrainConfig, rows: int) -> int:
 
 def resolve(cfg: TrainConfig):
     """Everything `train` needs, validated: (cfg with resolved names/paths, PreparedDataset, tracking URI)."""
+    from pipelines import storage as fs
     from pipelines.data.dataset import open_prepared
     from pipelines.preflight import default_storage
 
@@ -146,6 +147,8 @@ def resolve(cfg: TrainConfig):
     return (
         replace(
             cfg,
+            # Absolute, so the workers (whose working directory is Ray's) read the same dataset.
+            data=cfg.data if fs.is_s3(cfg.data) else fs.fs_path(cfg.data),
             run_name=run_name,
             epochs=epochs,
             storage=storage,

@@ -75,7 +75,11 @@ def test_promotes_then_is_idempotent_then_keeps_champion_without_a_margin_win(
     cfg = load_retrain(str(retrain_file(tmp_path, voc_source)))
     first = retrain(cfg)
     assert first["promoted"] and first["champion_version"] == "1"
-    assert not first["steps"]["prepare"]["output"]["skipped"]
+    prepared = first["steps"]["prepare"]["output"]
+    assert not prepared["skipped"] and prepared["quarantined"] == 0
+    manifest = json.loads((Path(cfg.prepared) / "manifest.json").read_text())
+    assert prepared["rows"] == {split: info["rows"] for split, info in manifest["splits"].items()}
+    assert all(prepared["rows"].values())
     runs = training_runs(cfg.tracking_uri)
     client = MlflowClient(cfg.tracking_uri)
     parent = client.get_run(first["run_id"])

@@ -282,3 +282,13 @@ def test_split_options_name_the_prepared_splits(tiny_config):
         resolve(tiny_config(train_split="train_aug"))
     with pytest.raises(UserError, match=r"has no 'seg11valid' split \(has train, val\): set val_split"):
         resolve(tiny_config(val_split="seg11valid"))
+
+
+def test_a_relative_data_path_reaches_the_workers_absolute(tiny_config, prepared_voc, monkeypatch):
+    """Ray Train workers run in Ray's working directory: `--data prepared/x` is resolved in the driver."""
+    from pipelines.train.trainer import resolve
+
+    prepared = Path(prepared_voc)
+    monkeypatch.chdir(prepared.parent)
+    resolved, _, _ = resolve(tiny_config(data=prepared.name))
+    assert resolved.data == str(prepared.resolve())
