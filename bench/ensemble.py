@@ -105,7 +105,8 @@ def in_driver(data_dir: str, folders: list[str], rounds: int) -> dict:
     """The previous algorithm: everything in the driver process."""
     import numpy as np
 
-    from pipelines.data.dataset import decode_image, decode_mask, open_prepared
+    from pipelines.data.dataset import decode_mask, open_prepared
+    from pipelines.images import decode_image
     from pipelines.inference.core import InferenceSettings, predict_image
     from segmodels.artifact import load_model_dir
 

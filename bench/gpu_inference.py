@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 import segmodels
-from pipelines.data.dataset import IMAGE, MASK, decode_image, decode_mask, open_prepared
+from pipelines.data.dataset import IMAGE, MASK, decode_mask, open_prepared
 from pipelines.data.prepare import PrepareConfig, prepare
 from pipelines.data.synth import SynthConfig, synthesize
+from pipelines.images import decode_image
 from pipelines.inference.core import InferenceSettings, predict_batch
 from pipelines.inference.evaluate import EvalConfig, evaluate
 from pipelines.runtime import ensure_ray

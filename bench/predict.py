@@ -26,7 +26,7 @@ import torch
 from evaluate import model_folder, smooth_image  # bench/evaluate.py
 from PIL import Image
 
-from pipelines.data.dataset import decode_image
+from pipelines.images import decode_image
 from pipelines.inference.core import InferenceSettings, predict_batch
 from pipelines.inference.predict import PredictConfig, predict
 from pipelines.report import format_table, palette_png

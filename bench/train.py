@@ -33,9 +33,10 @@ import torch
 from pipelines import tracking
 from pipelines.config import TrainConfig
 from pipelines.data.augment import AugmentParams, augment_sample
-from pipelines.data.dataset import IMAGE, MASK, decode_image, decode_mask, open_prepared
+from pipelines.data.dataset import IMAGE, MASK, decode_mask, open_prepared
 from pipelines.data.prepare import PrepareConfig, prepare
 from pipelines.data.synth import SynthConfig, synthesize
+from pipelines.images import decode_image
 from pipelines.train.loop import build_optimizer, train_one_epoch
 from pipelines.train.trainer import train
 from segmodels import build_model

@@ -67,7 +67,8 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def _predict_encoded(self, frame: pd.DataFrame, settings) -> pd.DataFrame:
         import base64
 
-        from pipelines.data.dataset import IMAGE, MASK, decode_image
+        from pipelines.data.dataset import IMAGE, MASK
+        from pipelines.images import decode_image
         from pipelines.report import palette_png
 
         if IMAGE not in frame.columns:
@@ -77,7 +78,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             )
         masks = []
         for data in frame[IMAGE]:
-            image = decode_image(base64.b64decode(data) if isinstance(data, str) else bytes(data)).copy()
+            image = decode_image(base64.b64decode(data) if isinstance(data, str) else bytes(data))
             masks.append(palette_png(self._masks(image[None], settings)[0], self.model.spec.palette))
         return pd.DataFrame({MASK: masks}, index=frame.index)
 

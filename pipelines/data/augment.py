@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from pipelines.data.dataset import decode_image, decode_mask
+from pipelines.data.dataset import decode_mask
+from pipelines.images import decode_image
 
 IGNORE = 255
 MEAN_RGB = (124, 116, 104)  # ImageNet mean in 0-255: padding colour, so padded pixels normalise to ~0

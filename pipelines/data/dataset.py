@@ -57,19 +57,6 @@ def parquet_schema() -> pa.Schema:
     )
 
 
-def decode_image(data: bytes, max_pixels: int = 0) -> np.ndarray:
-    """Encoded JPEG/PNG -> H x W x 3 uint8 RGB (grayscale and CMYK sources are converted).
-
-    max_pixels > 0: refuse (ValueError) an image with more pixels, from its header, before decoding it.
-    """
-    with Image.open(io.BytesIO(data)) as img:
-        if max_pixels and img.width * img.height > max_pixels:
-            raise ValueError(
-                f"{img.width}x{img.height} image is over the {max_pixels}-pixel limit (raise --max-pixels)"
-            )
-        return np.asarray(img.convert("RGB"))
-
-
 def decode_mask(data: bytes) -> np.ndarray:
     """Single-channel PNG -> H x W uint8 class indices (palette PNGs give their indices, not colours)."""
     with Image.open(io.BytesIO(data)) as img:

@@ -51,8 +51,10 @@ from pipelines.data.dataset import (
     parquet_schema,
 )
 from pipelines.data.layouts import BadSample, Layout, Rejected, Sample, check_dataset, get_layout
-from pipelines.data.layouts.base import check_class_values, describe_image_error
+from pipelines.data.layouts.base import check_class_values
 from pipelines.errors import UserError
+from pipelines.images import ImageError, to_rgb
+from pipelines.images import open_image as open_upright
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -140,24 +142,20 @@ def read_file(fs: pafs.FileSystem, uri: str) -> bytes:
 
 
 def open_image(data: bytes, uri: str) -> Image.Image:
-    """Decode fully (a truncated file only fails on load), keeping Pillow's decompression-bomb limit."""
+    """The decoded, upright image by `pipelines.images`' rules (the feed decodes it the same way), keeping
+    Pillow's decompression-bomb limit; an unusable file is a bad sample."""
+
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.format not in ("JPEG", "PNG"):
-            raise BadSample(f"{image.format} image: expected JPEG or PNG", uri)
-        image.load()
-        return image
-    except BadSample:
-        raise
-    except Exception as err:  # UnidentifiedImageError, DecompressionBombError, OSError (truncated), ...
-        raise BadSample(f"unreadable image: {describe_image_error(err)}", uri) from err
+        return open_upright(data)
+    except ImageError as err:
+        raise BadSample(f"unreadable image: {err}", uri) from err
 
 
 def downscale(image: Image.Image, mask: np.ndarray, max_side: int) -> tuple[bytes, np.ndarray]:
     """Longer side -> max_side: the image antialiased and re-encoded in its format, the mask nearest."""
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    small = image if image.mode in ("RGB", "L") else image.convert("RGB")
+    small = image if image.mode in ("RGB", "L") else Image.fromarray(to_rgb(image))
     small = small.resize(size, Image.BILINEAR)
     buf = io.BytesIO()
     if image.format == "JPEG":

@@ -43,7 +43,8 @@ class ScoreImages:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from pipelines.data.dataset import decode_image, decode_mask
+        from pipelines.data.dataset import decode_mask
+        from pipelines.images import decode_image
         from pipelines.inference.core import predict_labels
         from segmodels.metrics import ConfusionMatrix
 

@@ -119,19 +119,19 @@ def is_done(image_id: str, fmt: str, done: set[str]) -> bool:
 # ---------------------------------------------------------------------------------------------- stages
 def decode_batch(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, np.ndarray]:
     """bytes -> uint8 H,W,3 images; an input that cannot be decoded keeps an empty image and its reason."""
-    from pipelines.data.dataset import decode_image
+    from pipelines.images import ImageError, decode_image
 
     images, errors = [], []
     for data in batch["bytes"]:
         try:
             images.append(decode_image(data, max_pixels=max_pixels))
             errors.append("")
-        except ValueError as err:  # over --max-pixels
-            images.append(np.zeros((1, 1, 3), np.uint8))
-            errors.append(f"oversized: {err}")
         except Exception as err:  # any undecodable input is quarantined instead of failing the whole job
             images.append(np.zeros((1, 1, 3), np.uint8))
-            errors.append(f"unreadable image: {type(err).__name__}: {err}")
+            if isinstance(err, ImageError) and err.kind == "too_large":
+                errors.append(f"oversized: {err} (raise --max-pixels)")
+            else:
+                errors.append(f"unreadable image: {err}")
     return {**without(batch, "bytes"), "image": ragged(images), "error": np.array(errors)}
 
 

@@ -1,19 +1,19 @@
 """Uploads: reading the request body within its limits, and decoding JPEG/PNG bytes safely.
 
 The ingress reads the body (media type, declared and streamed length, multipart field `file`); the model
-replica decodes it (signature, pixel count from the header before decoding, Pillow's bomb limit).
+replica decodes it with `pipelines.images` (the rules every stage decodes by) and answers its errors here.
 """
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 from fastapi import Request
-from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+
+from pipelines.images import ImageError, decode_image
 
 
 class ApiError(Exception):
@@ -31,17 +31,6 @@ class ApiError(Exception):
 
 
 ACCEPTED_MEDIA = ("image/jpeg", "image/png", "multipart/form-data")
-SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
-# Recognised but refused (415) rather than reported as garbage (400).
-OTHER_IMAGE_SIGNATURES = {
-    b"GIF87a": "GIF",
-    b"GIF89a": "GIF",
-    b"BM": "BMP",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-    b"RIFF": "WebP",
-    b"\x00\x00\x01\x00": "ICO",
-}
 
 
 async def read_upload(request: Request, limit: int) -> bytes:
@@ -108,44 +97,14 @@ async def multipart_file(request: Request, body: bytes) -> bytes:
 
 
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """JPEG or PNG bytes -> uint8 H,W,3 RGB; the size comes from the header and is checked before decoding.
-
-    Pillow's own decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) stays in force above `max_pixels`.
-    """
-    kind = next((k for sig, k in SIGNATURES.items() if data.startswith(sig)), None)
-    if kind is None:
-        other = next((k for sig, k in OTHER_IMAGE_SIGNATURES.items() if data.startswith(sig)), None)
-        if other:
-            raise ApiError(
-                415, "unsupported_media_type", f"{other} images are not accepted: convert to JPEG or PNG"
-            )
-        raise ApiError(400, "bad_image", "the body is not a JPEG or PNG image (unknown file signature)")
+    """JPEG or PNG bytes -> uint8 H,W,3 RGB by `pipelines.images`' rules; its errors as HTTP errors:
+    unsupported formats 415, too many pixels (from the header, before decoding) 413, anything else 400."""
     try:
-        image = Image.open(io.BytesIO(data), formats=[kind])  # lazy: reads the header only
-    except Image.DecompressionBombError as err:
-        raise ApiError(413, "image_too_large", str(err)) from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ApiError(400, "bad_image", f"unreadable {kind} header: {err}") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ApiError(
-            413,
-            "image_too_large",
-            f"{width}x{height} = {width * height} pixels is over the limit of "
-            f"{max_pixels} (max_pixels): downscale the image",
-        )
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ApiError(400, "bad_image", f"corrupt or truncated {kind}: {err}") from None
-    return to_rgb(image)
-
-
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """Any JPEG/PNG mode (L, LA, P, RGBA, CMYK, 16-bit I;16) -> uint8 H,W,3; alpha is dropped."""
-    if image.mode.startswith("I"):  # 16-bit grey: keep the top 8 bits
-        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return np.array(image.convert("RGB"))  # a writable copy: the dense CRF refuses read-only buffers
+        return decode_image(data, max_pixels)
+    except ImageError as err:
+        status, code = {
+            "unsupported": (415, "unsupported_media_type"),
+            "too_large": (413, "image_too_large"),
+        }.get(err.kind, (400, "bad_image"))
+        detail = f"{err} (the server's max_pixels)" if err.kind == "too_large" else str(err)
+        raise ApiError(status, code, detail) from None

@@ -298,7 +298,8 @@ class ValShard:
 
         import pyarrow as pa
 
-        from pipelines.data.dataset import IMAGE, MASK, decode_image, decode_mask
+        from pipelines.data.dataset import IMAGE, MASK, decode_mask
+        from pipelines.images import decode_image
 
         tables = self.data.read_batches(self.split, [IMAGE, MASK], self.batches)
 

@@ -296,7 +296,8 @@ def log_overlays(client, run_id: str, model_dir: Path, data, split: str, count: 
     """image | truth | prediction panels for the first `count` images of the val split, under overlays/."""
     import torch
 
-    from pipelines.data.dataset import decode_image, decode_mask
+    from pipelines.data.dataset import decode_mask
+    from pipelines.images import decode_image
     from pipelines.report import overlay_panel
     from segmodels.artifact import load_model_dir
 

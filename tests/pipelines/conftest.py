@@ -175,3 +175,35 @@ def model_folder(tmp_path):
         return save_model_dir(tmp_path / name, spec, states)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tricky_images() -> dict[str, tuple[bytes, tuple[int, int]]]:
+    """Uploads that decoders disagree on: name -> (file bytes, (height, width) as a viewer shows it).
+
+    A 16-bit grey PNG, a JPEG stored 40 x 28 with EXIF orientation 6 (shown rotated, 28 x 40), a CMYK JPEG
+    and a palette PNG with a transparent entry.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+
+    def encoded(image, fmt: str, **kwargs) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **kwargs)
+        return buffer.getvalue()
+
+    photo = Image.fromarray(rng.integers(0, 256, (28, 40, 3), dtype=np.uint8)).resize((40, 28))
+    grey16 = np.tile(np.array([0, 300, 40000, 65535], np.uint16), (24, 8))  # 24 x 32
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    return {
+        "grey16.png": (encoded(Image.fromarray(grey16), "PNG"), (24, 32)),
+        "rotated.jpg": (encoded(photo, "JPEG", exif=exif.tobytes(), quality=95), (40, 28)),
+        "cmyk.jpg": (encoded(photo.convert("CMYK"), "JPEG", quality=95), (28, 40)),
+        "transparent.png": (encoded(palette, "PNG", transparency=0), (28, 40)),
+    }

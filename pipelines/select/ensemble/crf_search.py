@@ -76,7 +76,8 @@ def crf_confusion(
     import torch
     import torch.nn.functional as F
 
-    from pipelines.data.dataset import decode_image, decode_mask
+    from pipelines.data.dataset import decode_mask
+    from pipelines.images import decode_image
     from segmodels.crf import CRFParams, dense_crf
     from segmodels.ensemble import combine_probs
 

@@ -89,7 +89,8 @@ class ScoreCandidates:
         self.settings = InferenceSettings()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.data.dataset import decode_image, decode_mask
+        from pipelines.data.dataset import decode_mask
+        from pipelines.images import decode_image
         from pipelines.inference.core import forward_batches, predict_batch
 
         images = [decode_image(b) for b in batch["image"]]

@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 
 import pipelines.data
 from pipelines.cli import build_parser, main
-from pipelines.data.dataset import COLUMNS, decode_image, decode_mask, open_prepared
+from pipelines.data.dataset import COLUMNS, decode_mask, open_prepared
 from pipelines.data.layouts import DATASETS, get_layout
 from pipelines.data.layouts.cityscapes import CITYSCAPES_CLASSES, label_id_to_train_id
 from pipelines.data.layouts.coco import COCO_CATEGORIES, COCO_VOC_IDS, annotations_to_mask, category_to_class
@@ -26,6 +26,7 @@ from pipelines.data.layouts.voc import VOC_CLASSES
 from pipelines.data.prepare import PrepareConfig, TooManyBadSamples, prepare, shuffled
 from pipelines.data.synth import SYNTH_LAYOUTS, SynthConfig, synthesize
 from pipelines.errors import UserError
+from pipelines.images import decode_image
 
 NUM_TRAIN, NUM_VAL = 10, 5
 
@@ -295,7 +296,7 @@ def broken_voc(sources, tmp_path) -> tuple[Path, dict[str, str]]:
     png(ids[6]).write_bytes(b"")
     with open(base / "ImageSets" / "Segmentation" / "train.txt", "a") as f:
         f.write("2099_000001\n")
-    reasons = {ids[0]: "truncated", ids[1]: "empty file", ids[2]: "not an image file", ids[3]: "DecompressionBomb",
+    reasons = {ids[0]: "truncated", ids[1]: "empty file", ids[2]: "not a JPEG or PNG image", ids[3]: "decompression bomb",
                ids[4]: "label is", ids[5]: "outside the classes", ids[6]: "empty file",
                "2099_000001": "image does not exist"}  # fmt: skip
     return root, reasons

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,19 +55,35 @@ def expected(folder: Path, image: np.ndarray) -> np.ndarray:
     return predict_image(load_model_dir(folder), image, InferenceSettings()).argmax(0)
 
 
-def test_formats_quarantine_and_resume(ray_session, model_folder, tmp_path, capsys):
+def test_formats_quarantine_and_resume(ray_session, model_folder, tmp_path, capsys, tricky_images):
     folder = model_folder(VOC_CLASSES, VOC_PALETTE)
     src = tmp_path / "in"
     images = write_inputs(src)
+    for name, (data, _) in tricky_images.items():
+        (src / "tricky" / name).parent.mkdir(exist_ok=True)
+        (src / "tricky" / name).write_bytes(data)
     out = tmp_path / "png"
     args = ["predict", "--model-uri", str(folder), "--input", str(src), "--out", str(out)]
     assert main([*args, "--max-pixels", "5000", "--json-out", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
-    assert (result["written"], result["skipped"], result["quarantined"]) == (3, 0, 2)
+    assert (result["written"], result["skipped"], result["quarantined"]) == (3 + len(tricky_images), 0, 2)
     for rel, image in images.items():
         png = Image.open(out / Path(rel).with_suffix(".png"))
         assert png.mode == "P" and png.size == image.shape[1::-1]
         np.testing.assert_array_equal(np.asarray(png), expected(folder, image))
+    # 16-bit grey, EXIF-rotated, CMYK and transparent-palette inputs: the masks the pyfunc model gives for
+    # the same bytes, in the orientation a viewer shows (tests/pipelines/serve: the same through HTTP).
+    import mlflow
+    import pandas as pd
+
+    from pipelines import tracking
+
+    pyfunc = mlflow.pyfunc.load_model(str(tracking.save_pyfunc(folder, tmp_path / "pyfunc")))
+    frame = pyfunc.predict(pd.DataFrame({"image": [data for data, _ in tricky_images.values()]}))
+    for (name, (_, shape)), mask in zip(tricky_images.items(), frame["mask"], strict=True):
+        written = np.asarray(Image.open(out / "tricky" / Path(name).with_suffix(".png")))
+        assert written.shape == shape
+        np.testing.assert_array_equal(written, np.asarray(Image.open(io.BytesIO(mask))), err_msg=name)
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     reasons = {Path(q["path"]).stem: q["reason"] for q in quarantine}
     assert reasons.keys() == {"huge", "broken"}
@@ -81,8 +98,9 @@ def test_formats_quarantine_and_resume(ray_session, model_folder, tmp_path, caps
     before = (out / "a.png").stat().st_mtime_ns
     (out / "nested/deeper/c.png").unlink()
     again = predict(PredictConfig(model_uri=str(folder), input=str(src), out=str(out), max_pixels=5000))
-    assert (again["written"], again["skipped"], again["quarantined"]) == (1, 2, 2)
+    assert (again["written"], again["skipped"], again["quarantined"]) == (1, 2 + len(tricky_images), 2)
     assert (out / "a.png").stat().st_mtime_ns == before and (out / "nested/deeper/c.png").is_file()
+    shutil.rmtree(src / "tricky")  # the other formats on the plain inputs
 
     voc = predict(
         PredictConfig(model_uri=str(folder), input=str(src), out=str(tmp_path / "voc"), format="voc")

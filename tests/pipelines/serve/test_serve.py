@@ -459,6 +459,30 @@ def test_masks_have_the_input_size_and_the_palette(endpoint, mode, fmt, size):
 
 
 @pytest.mark.slow
+def test_tricky_images_get_the_pyfunc_models_mask_over_http(endpoint, tricky_images, tmp_path):
+    """16-bit grey, EXIF-rotated, CMYK and transparent-palette uploads: the served mask is the one the
+    MLflow pyfunc model of the same version gives for the same bytes (and `segpipe predict` too, see
+    tests/pipelines/inference), in the orientation a viewer shows."""
+    import mlflow
+    import pandas as pd
+
+    served, versions = {}, set()
+    for name, (data, shape) in tricky_images.items():
+        reply = post(endpoint["url"], data, "image/png" if name.endswith(".png") else "image/jpeg")
+        assert reply.status_code == 200, (name, reply.text)
+        served[name] = np.asarray(Image.open(io.BytesIO(reply.content)))
+        assert served[name].shape == shape, name
+        versions.add(reply.headers["x-model-version"])
+    (version,) = versions
+    uri = f"sqlite:///{endpoint['root'] / 'mlflow.db'}"
+    folder = tracking.download_model(f"models:/tiny/{version}", uri)
+    pyfunc = mlflow.pyfunc.load_model(str(tracking.save_pyfunc(folder, tmp_path / "pyfunc")))
+    frame = pyfunc.predict(pd.DataFrame({"image": [data for data, _ in tricky_images.values()]}))
+    for name, mask in zip(tricky_images, frame["mask"], strict=True):
+        np.testing.assert_array_equal(served[name], np.asarray(Image.open(io.BytesIO(mask))), err_msg=name)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,request_kwargs,status,error",
     [
