@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli.common import write_json
+from pipelines.cli.common import add_json_out, config_from_args, write_json
 
 # The names pipelines.data.layouts.DATASETS and pipelines.data.synth.SYNTH_LAYOUTS define (tested equal),
 # spelt out so that `segpipe --help` imports neither numpy nor Pillow.
@@ -20,14 +20,14 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
         "CamVid) or as a folder of images and masks",
         description="Write a synthetic dataset in exactly the published layout and file naming, "
         "for the demo and the tests: each class has its own colour and shape. Pass the result to "
-        "`segpipe prepare --root` (layout coco serves both --dataset coco and coco_voc; layout folder writes images/, masks/ and "
-        "classes.yaml as `prepare --dataset folder` reads them).",
+        "`segpipe prepare --root` (layout coco serves both --dataset coco and coco_voc; layout folder "
+        "writes images/, masks/ and classes.yaml as `prepare --dataset folder` reads them).",
     )
     p.add_argument("--layout", required=True, choices=list(SYNTH_LAYOUTS))
     p.add_argument("--out", required=True, help="folder to create the dataset in")
-    p.add_argument("--num-train", type=int, default=32, help="training images (default: 32)")
-    p.add_argument("--num-val", type=int, default=16, help="validation images (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
+    p.add_argument("--num-train", type=int, help="training images (default: 32)")
+    p.add_argument("--num-val", type=int, help="validation images (default: 16)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed writes the same files (default: 0)")
     p.add_argument(
         "--size",
         type=int,
@@ -41,16 +41,9 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
 def _run_synth(args: argparse.Namespace) -> None:
     from pipelines.data.synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(
-        layout=args.layout,
-        out=args.out,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        seed=args.seed,
-        size=tuple(args.size) if args.size else None,
-    )
+    cfg = config_from_args(SynthConfig, args, size=tuple(args.size) if args.size else None)
     print(
-        f"wrote {args.num_train} train + {args.num_val} val images ({args.layout} layout) to {synthesize(cfg)}"
+        f"wrote {cfg.num_train} train + {cfg.num_val} val images ({cfg.layout} layout) to {synthesize(cfg)}"
     )
 
 
@@ -68,7 +61,6 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", required=True, help="the dataset as published: folder or s3://bucket/prefix")
     p.add_argument(
         "--classes",
-        default="",
         help="--dataset folder: the classes.txt / classes.yaml (default: the one in --root)",
     )
     p.add_argument(
@@ -76,41 +68,28 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--splits",
-        default="",
         help="comma-separated splits (default: train,val; voc_aug: train_aug,val,sbd_train,seg11valid; "
         "folder: every folder under images/)",
     )
     p.add_argument(
         "--max-side", type=int, help="downscale so the longer side is at most this (default: keep sizes)"
     )
-    p.add_argument(
-        "--shard-mb", type=float, default=128.0, help="target parquet shard size in MB (default: 128)"
-    )
+    p.add_argument("--shard-mb", type=float, help="target parquet shard size in MB (default: 128)")
     p.add_argument(
         "--max-bad-fraction",
         type=float,
-        default=0.01,
         help="fail, publishing nothing, if more samples than this are quarantined (default: 0.01)",
     )
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
-    p.add_argument("--json-out", help="also write the summary as JSON to this file")
+    add_json_out(p, "the summary")
     p.set_defaults(run=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> None:
     from pipelines.data.prepare import PrepareConfig, TooManyBadSamples, format_summary, prepare
 
-    cfg = PrepareConfig(
-        dataset=args.dataset,
-        root=args.root,
-        out=args.out,
-        splits=tuple(s for s in args.splits.split(",") if s),
-        max_side=args.max_side,
-        shard_mb=args.shard_mb,
-        max_bad_fraction=args.max_bad_fraction,
-        progress=not args.no_progress,
-        classes=args.classes,
-    )
+    splits = tuple(s for s in (args.splits or "").split(",") if s)
+    cfg = config_from_args(PrepareConfig, args, splits=splits, progress=not args.no_progress)
     try:
         result = prepare(cfg)
     except TooManyBadSamples as err:

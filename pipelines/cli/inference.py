@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli.common import write_json
+from pipelines.cli.common import (
+    add_data,
+    add_json_out,
+    add_model_uri,
+    add_tracking_uri,
+    config_from_args,
+    default_of,
+    write_json,
+)
 from pipelines.errors import UserError
 
 
@@ -70,105 +78,75 @@ def _inference_settings(args: argparse.Namespace):
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from pipelines.inference.evaluate import EvalConfig
+
     p = sub.add_parser("evaluate", help="score a model on a prepared split (whole, sliding, TTA, CRF)")
-    p.add_argument(
-        "--model-uri",
-        required=True,
-        help="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS or a local model folder",
-    )
-    p.add_argument("--data", required=True, help="prepared dataset folder or s3:// prefix")
-    p.add_argument("--split", default="val", help="split to score (default: val)")
+    add_model_uri(p)
+    add_data(p)
+    p.add_argument("--split", help=f"split to score (default: {default_of(EvalConfig, 'split')})")
     _add_inference_options(p)
-    p.add_argument("--max-images", type=int, default=0, help="score only the first N images (default: all)")
+    p.add_argument("--max-images", type=int, help="score only the first N images (default: all)")
     _add_num_gpus(p)
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument(
-        "--json-out", help="write {metrics: {miou, pixel_acc, mean_acc, fwiou, per_class_iou}} here"
-    )
+    add_tracking_uri(p)
+    add_json_out(p, "{metrics: {miou, pixel_acc, mean_acc, fwiou, per_class_iou}}")
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from pipelines.inference.evaluate import EvalConfig, evaluate, print_evaluation
 
-    result = evaluate(
-        EvalConfig(
-            model_uri=args.model_uri,
-            data=args.data,
-            split=args.split,
-            settings=_inference_settings(args),
-            tracking_uri=args.tracking_uri or "",
-            max_images=args.max_images,
-            num_gpus=args.num_gpus,
-        )
-    )
+    result = evaluate(config_from_args(EvalConfig, args, settings=_inference_settings(args)))
     print_evaluation(result)
     write_json(args.json_out, {k: v for k, v in result.items() if k != "confusion"})
 
 
 # ---------------------------------------------------------------------------------------------- predict
 def add_predict(sub: argparse._SubParsersAction) -> None:
+    from pipelines.inference.predict import FORMATS, PredictConfig
+
     p = sub.add_parser(
         "predict",
         help="segment a folder, s3:// prefix or prepared split and write masks (Ray Data, resumable)",
         description="Batch inference with Ray Data: read -> decode -> model (actor pool) -> CRF -> write. "
         "Unreadable or oversized inputs are listed in OUT/quarantine.jsonl; a re-run skips inputs whose "
-        "output exists. Formats: png (palette masks named after the inputs), overlay, parquet (image_id, "
-        "mask, height, width), voc (the VOC evaluation server's results/ layout), cityscapes (label ids, "
-        "as cityscapesScripts evaluates them).",
+        "output exists; OUT/classes.json names each class index with its colour. Formats: png (palette "
+        "masks named after the inputs), overlay, parquet (image_id, mask, height, width), voc (the VOC "
+        "evaluation server's results/ layout), cityscapes (label ids, as cityscapesScripts evaluates them).",
     )
-    p.add_argument(
-        "--model-uri",
-        required=True,
-        help="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS or a local model folder",
-    )
+    add_model_uri(p)
     p.add_argument(
         "--input", required=True, help="image folder or s3:// prefix (recursive), or PREPARED:SPLIT"
     )
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--format", default="png", choices=["png", "overlay", "parquet", "voc", "cityscapes"])
+    p.add_argument("--format", choices=FORMATS, help=f"(default: {default_of(PredictConfig, 'format')})")
     _add_inference_options(p)
     p.add_argument(
         "--batch-size",
         type=int,
-        default=4,
-        help="images per model call, fewer where they would pass 4 Mpx in one forward (default: 4)",
+        help="images per model call, fewer where they would pass 4 Mpx in one forward "
+        f"(default: {default_of(PredictConfig, 'batch_size')})",
     )
     p.add_argument(
         "--concurrency",
         type=int,
-        default=0,
         help="model actors (default: as many as the cluster holds: per GPU, or per CPU but one)",
     )
     _add_num_gpus(p)
     p.add_argument(
         "--max-pixels",
         type=int,
-        default=50_000_000,
-        help="quarantine larger images instead of decoding them (default: 50000000)",
+        help="quarantine larger images instead of decoding them "
+        f"(default: {default_of(PredictConfig, 'max_pixels')})",
     )
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument("--json-out", help="write {written, skipped, quarantined, seconds, images_per_s} here")
+    add_tracking_uri(p)
+    add_json_out(p, "{written, skipped, quarantined, seconds, images_per_s}")
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> None:
     from pipelines.inference.predict import PredictConfig, predict
 
-    result = predict(
-        PredictConfig(
-            model_uri=args.model_uri,
-            input=args.input,
-            out=args.out,
-            format=args.format,
-            settings=_inference_settings(args),
-            batch_size=args.batch_size,
-            concurrency=args.concurrency,
-            num_gpus=args.num_gpus,
-            max_pixels=args.max_pixels,
-            tracking_uri=args.tracking_uri or "",
-        )
-    )
+    result = predict(config_from_args(PredictConfig, args, settings=_inference_settings(args)))
     print(
         f"wrote {result['written']} predictions ({result['format']}) to {result['out']} in "
         f"{result['seconds']:.1f} s ({result['images_per_s']:.2f} img/s); skipped {result['skipped']} "

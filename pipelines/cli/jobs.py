@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli.common import write_json
+from pipelines.cli.common import (
+    add_data,
+    add_json_out,
+    add_tracking_uri,
+    config_from_args,
+    default_of,
+    write_json,
+)
 
 
 # ---------------------------------------------------------------------------------------------- retrain
@@ -19,8 +26,8 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", required=True, help="retrain YAML (source, prepared, search, register_as, margin)"
     )
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides the file)")
-    p.add_argument("--json-out", help="write every step's output and the promotion decision here")
+    add_tracking_uri(p, default="the file's")
+    add_json_out(p, "every step's output and the promotion decision")
     p.set_defaults(run=_run_retrain)
 
 
@@ -47,7 +54,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", nargs="?", help="recipe name, e.g. fcn, deeplab, dilation, deconvnet")
     p.add_argument("--list", action="store_true", help="show every recipe, its stages and published numbers")
-    p.add_argument("--data", help="prepared dataset folder or s3:// prefix (with the recipe's splits)")
+    add_data(p, required=False, note=" (with the recipe's splits)")
     p.add_argument("--tiny", action="store_true", help="narrow networks, small crops, one epoch: a smoke run")
     p.add_argument(
         "--multi-scale",
@@ -63,15 +70,15 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="training value for every stage, repeatable (e.g. num_workers=4, use_gpu=true)",
     )
     p.add_argument("--register-as", help="registered model name (default: reproduce-RECIPE-DATASET)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument("--experiment", default="segpipe-reproduce", help="MLflow experiment")
+    add_tracking_uri(p)
+    p.add_argument("--experiment", help="MLflow experiment (default: segpipe-reproduce)")
     p.add_argument("--storage", help="checkpoints and stage state (folder or s3://; default as train)")
-    p.add_argument("--json-out", help="write the stages, the registered model and the table here")
+    add_json_out(p, "the stages, the registered model and the table")
     p.set_defaults(run=_run_reproduce)
 
 
 def _run_reproduce(args: argparse.Namespace) -> None:
-    from pipelines.config import make_config, parse_key_values
+    from pipelines.config import parse_key_values
     from pipelines.errors import UserError
     from pipelines.jobs.reproduce import (
         LIST_HEADERS,
@@ -88,22 +95,7 @@ def _run_reproduce(args: argparse.Namespace) -> None:
         return
     if not args.recipe or not args.data:
         raise UserError("give a RECIPE and --data PREPARED (segpipe reproduce --list shows the recipes)")
-    values = {
-        "recipe": args.recipe,
-        "data": args.data,
-        "tiny": args.tiny,
-        "multi_scale": args.multi_scale,
-        "pretrained": args.pretrained,
-        "proposals": args.proposals,
-        "train_overrides": parse_key_values(args.set, option="--set"),
-        "register_as": args.register_as,
-        "tracking_uri": args.tracking_uri,
-        "experiment": args.experiment,
-        "storage": args.storage,
-    }
-    cfg = make_config(
-        ReproduceConfig, {k: v for k, v in values.items() if v is not None}, source="reproduce options"
-    )
+    cfg = config_from_args(ReproduceConfig, args, train_overrides=parse_key_values(args.set, option="--set"))
     result = reproduce(cfg)
     for stage, info in result["stages"].items():
         print(f"{stage:12s} {info['seconds']:8.1f} s  {info['output']['model_uri']}")
@@ -123,38 +115,31 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         description="synth (VOC layout, or --layout folder: your own data's layout) -> prepare -> tune two "
         "architectures -> ensemble -> register and promote -> Ray Serve -> real HTTP requests, all locally.",
     )
+    from pipelines.jobs.demo import DEMO_LAYOUTS, DemoConfig
+
+    def default(name: str) -> str:
+        return f"(default: {default_of(DemoConfig, name)})"
+
     p.add_argument(
         "--layout",
-        choices=("voc", "folder"),
-        default="voc",
-        help="the generated dataset: voc (PASCAL VOC layout) or folder (images/, masks/, classes.yaml)",
+        choices=DEMO_LAYOUTS,
+        help=f"the generated dataset: voc (PASCAL VOC layout) or folder (images/, masks/, classes.yaml) {default('layout')}",
     )
-    p.add_argument("--workdir", default="demo", help="where data, runs and overlays go (default: ./demo)")
-    p.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
-    p.add_argument("--trials", type=int, default=2, help="trials per architecture (default: 2)")
-    p.add_argument("--num-train", type=int, default=64, help="generated training images (default: 64)")
-    p.add_argument("--num-val", type=int, default=16, help="generated val images (default: 16)")
-    p.add_argument("--port", type=int, default=8000, help="serving port on 127.0.0.1 (default: 8000)")
+    p.add_argument("--workdir", help=f"where data, runs and overlays go {default('workdir')}")
+    p.add_argument("--epochs", type=int, help=f"epochs per trial {default('epochs')}")
+    p.add_argument("--trials", type=int, help=f"trials per architecture {default('trials')}")
+    p.add_argument("--num-train", type=int, help=f"generated training images {default('num_train')}")
+    p.add_argument("--num-val", type=int, help=f"generated val images {default('num_val')}")
+    p.add_argument("--port", type=int, help=f"serving port on 127.0.0.1 {default('port')}")
     p.add_argument("--keep-serving", action="store_true", help="leave the endpoint up until Ctrl-C")
-    p.add_argument("--json-out", help="write the demo's results here")
+    add_json_out(p, "the demo's results")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from pipelines.jobs.demo import DemoConfig, run_demo
 
-    summary = run_demo(
-        DemoConfig(
-            workdir=args.workdir,
-            epochs=args.epochs,
-            trials=args.trials,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            port=args.port,
-            keep_serving=args.keep_serving,
-            layout=args.layout,
-        )
-    )
+    summary = run_demo(config_from_args(DemoConfig, args))
     write_json(args.json_out, summary)
 
 

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli.common import write_json
+from pipelines.cli.common import (
+    add_data,
+    add_json_out,
+    add_tracking_uri,
+    config_from_args,
+    default_of,
+    write_json,
+)
 
 
 # ---------------------------------------------------------------------------------------------- ensemble
 def add_ensemble(sub: argparse._SubParsersAction) -> None:
+    from pipelines.select.ensemble.stage import EnsembleConfig
+
     p = sub.add_parser("ensemble", help="greedy ensemble selection on val mIoU, registered as 'challenger'")
     p.add_argument(
         "--candidates",
@@ -16,26 +25,30 @@ def add_ensemble(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="model URIs, or best-per-arch:EXPERIMENT for the best finished run of each architecture",
     )
-    p.add_argument("--data", required=True, help="prepared dataset folder or s3:// prefix")
-    p.add_argument("--split", default="val", help="selection split (default: val)")
+    add_data(p)
+    p.add_argument("--split", help=f"selection split (default: {default_of(EnsembleConfig, 'split')})")
     p.add_argument(
         "--register-as", help="register the result as a new version of this model, alias challenger"
     )
     p.add_argument(
         "--crf", action="store_true", help="add a dense CRF stage with parameters tuned on the split"
     )
-    p.add_argument("--max-members", type=int, default=5, help="selection rounds (default: 5)")
+    p.add_argument(
+        "--max-members",
+        type=int,
+        help=f"selection rounds (default: {default_of(EnsembleConfig, 'max_members')})",
+    )
     p.add_argument(
         "--select",
         choices=["greedy", "average"],
-        default="greedy",
         help="greedy selection (default) or the plain average of every candidate (EDeconvNet)",
     )
-    p.add_argument("--max-images", type=int, default=0, help="select on the first N images (default: all)")
+    p.add_argument("--max-images", type=int, help="select on the first N images (default: all)")
     p.add_argument(
         "--crf-images",
         type=int,
-        help="tune the CRF on the first N images, 0 = all (default: 100, DeepLab's protocol)",
+        help="tune the CRF on the first N images, 0 = all "
+        f"(default: {default_of(EnsembleConfig, 'crf_images')}, DeepLab's protocol)",
     )
     p.add_argument(
         "--crf-grid",
@@ -45,40 +58,26 @@ def add_ensemble(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stride",
         type=int,
-        default=8,
-        help="compare every Nth pixel, the networks' output stride (default: 8)",
+        help="compare every Nth pixel, the networks' output stride "
+        f"(default: {default_of(EnsembleConfig, 'stride')})",
     )
     p.add_argument(
         "--scratch",
         help="folder or s3:// prefix for the scored shards, reachable from every node (default: local temp)",
     )
-    p.add_argument("--experiment", default="segpipe", help="MLflow experiment for the ensemble run")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument("--json-out", help="write {model_uri, members, weights, metrics} here")
+    p.add_argument(
+        "--experiment",
+        help=f"MLflow experiment for the ensemble run (default: {default_of(EnsembleConfig, 'experiment')})",
+    )
+    add_tracking_uri(p)
+    add_json_out(p, "{model_uri, members, weights, metrics}")
     p.set_defaults(run=_run_ensemble)
 
 
 def _run_ensemble(args: argparse.Namespace) -> None:
     from pipelines.select.ensemble import EnsembleConfig, build_ensemble
 
-    result = build_ensemble(
-        EnsembleConfig(
-            candidates=tuple(args.candidates),
-            data=args.data,
-            split=args.split,
-            register_as=args.register_as or "",
-            crf=args.crf,
-            max_members=args.max_members,
-            select=args.select,
-            max_images=args.max_images,
-            stride=args.stride,
-            scratch=args.scratch or "",
-            experiment=args.experiment,
-            tracking_uri=args.tracking_uri or "",
-            **({} if args.crf_images is None else {"crf_images": args.crf_images}),
-            **({} if args.crf_grid is None else {"crf_grid": args.crf_grid}),
-        )
-    )
+    result = build_ensemble(config_from_args(EnsembleConfig, args, candidates=tuple(args.candidates)))
     for m in result["members"]:
         print(f"member {m['uri']}: weight {m['weight']:.3f}, alone {m['val_miou']:.4f}")
     print(f"ensemble mIoU {result['metrics']['miou']:.4f}  crf {result['crf']}  -> {result['model_uri']}")
@@ -87,30 +86,28 @@ def _run_ensemble(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- promote
 def add_promote(sub: argparse._SubParsersAction) -> None:
+    from pipelines.select.promote import PromoteConfig
+
     p = sub.add_parser(
         "promote", help="move alias 'champion' to 'challenger' only if it wins on the frozen split"
     )
     p.add_argument("--name", required=True, help="registered model name")
-    p.add_argument("--data", required=True, help="prepared dataset folder or s3:// prefix (the frozen split)")
-    p.add_argument("--split", default="val", help="split to compare on (default: val)")
-    p.add_argument("--margin", type=float, default=0.0, help="mIoU the challenger must win by (default: 0)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument("--json-out", help="write the decision and both scores here")
+    add_data(p, note=" (the frozen split)")
+    p.add_argument("--split", help=f"split to compare on (default: {default_of(PromoteConfig, 'split')})")
+    p.add_argument(
+        "--margin",
+        type=float,
+        help=f"mIoU the challenger must win by (default: {default_of(PromoteConfig, 'margin')})",
+    )
+    add_tracking_uri(p)
+    add_json_out(p, "the decision and both scores")
     p.set_defaults(run=_run_promote)
 
 
 def _run_promote(args: argparse.Namespace) -> None:
     from pipelines.select.promote import PromoteConfig, promote
 
-    result = promote(
-        PromoteConfig(
-            name=args.name,
-            data=args.data,
-            margin=args.margin,
-            split=args.split,
-            tracking_uri=args.tracking_uri or "",
-        )
-    )
+    result = promote(config_from_args(PromoteConfig, args))
     print(result["reason"])
     print(f"champion: models:/{args.name}/{result['champion_version']}")
     write_json(args.json_out, result)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipelines.cli.common import add_model_uri, add_tracking_uri, config_from_args
+
 
 # ---------------------------------------------------------------------------------------------- serve
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -14,14 +16,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "an upload page at /, API docs at /docs. With models:/NAME@ALIAS the endpoint switches to "
         "the version the alias points at, without downtime.",
     )
-    p.add_argument(
-        "--model-uri",
-        required=True,
-        help="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS (followed) or a model folder",
-    )
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    add_model_uri(p, note=" (an alias is followed)")
+    add_tracking_uri(p)
+    # Defaults left to ServeConfig (the help texts quote them; importing it here would start Ray's imports).
+    p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default: 8000)")
     p.add_argument("--min-replicas", type=int, help="fewest model replicas (default: 1)")
     p.add_argument(
         "--max-replicas",
@@ -37,7 +36,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--member-gpus",
         type=float,
-        default=0.0,
         help="GPUs per model replica (the whole ensemble), e.g. 1 or 0.5 (default: 0, CPU)",
     )
     p.add_argument(
@@ -51,20 +49,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> None:
     from pipelines.serve import ServeConfig, serve_forever
 
-    # Options left out keep ServeConfig's defaults (one place for them).
-    sizing = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-              "replica_threads": args.replica_threads}  # fmt: skip
-    serve_forever(
-        ServeConfig(
-            model_uri=args.model_uri,
-            tracking_uri=args.tracking_uri or "",
-            host=args.host,
-            port=args.port,
-            member_gpus=args.member_gpus,
-            crf=args.crf,
-            **{name: value for name, value in sizing.items() if value is not None},
-        )
-    )
+    serve_forever(config_from_args(ServeConfig, args))
 
 
 COMMANDS = [add_serve]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.cli.common import write_json
+from pipelines.cli.common import add_data, add_json_out, add_tracking_uri, given, write_json
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -28,7 +28,7 @@ def add_models(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="channel multiplier for the VGG and U-Net families (default: 1.0, the papers' widths)",
     )
-    p.add_argument("--json-out", help="also write the table as JSON to this file")
+    add_json_out(p, "the table")
     p.set_defaults(run=_run_models)
 
 
@@ -52,7 +52,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", help="architecture: fcn32s fcn16s fcn8s deconvnet deeplab_largefov dilation unet pspnet"
     )
-    p.add_argument("--data", help="prepared dataset folder or s3:// prefix")
+    add_data(p, required=False, note=" (or the recipe's data)")
     p.add_argument("--config", help="recipe YAML, e.g. pipelines/configs/deeplab_largefov_voc.yaml")
     p.add_argument(
         "--model-arg",
@@ -96,7 +96,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, NCCL")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    add_tracking_uri(p)
     p.add_argument("--experiment", help="MLflow experiment name (default: segpipe)")
     p.add_argument("--run-name", help="MLflow and Ray run name; reuse it with the same --storage to resume")
     p.add_argument(
@@ -104,37 +104,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="checkpoint storage folder or s3:// prefix (default: $SEGPIPE_STORAGE, "
         "$RAY_STORAGE, ~/ray_results inside a Ray job, else ./ray_results); shared storage on several nodes",
     )
-    p.add_argument("--json-out", help="write {run_id, model_uri, checkpoint, metrics} to this file")
+    add_json_out(p, "{run_id, model_uri, checkpoint, metrics}")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from pipelines.config import load_train_config, parse_key_values
+    from pipelines.config import TrainConfig, load_train_config, parse_key_values
     from pipelines.train.trainer import train
 
-    cfg = load_train_config(
-        args.config,
-        model=args.model,
-        data=args.data,
-        pretrained=args.pretrained,
-        input_convention=args.input_convention,
-        init_from=args.init_from,
-        epochs=args.epochs,
-        max_iters=args.max_iters,
-        batch_size=args.batch_size,
-        iter_size=args.iter_size,
-        crop=args.crop,
-        lr=args.lr,
-        num_workers=args.num_workers,
-        cpus_per_worker=args.cpus_per_worker,
-        use_gpu=args.use_gpu,
-        amp=args.amp,
-        tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
-        run_name=args.run_name,
-        storage=args.storage,
-        model_args=parse_key_values(args.model_arg, option="--model-arg") or None,
-    )
+    model_args = parse_key_values(args.model_arg, option="--model-arg") or None
+    cfg = load_train_config(args.config, **given(args, TrainConfig), model_args=model_args)
     result = train(cfg)
     print(json.dumps(result.to_json()["metrics"], indent=2))
     print(f"model: {result.model_uri}")
@@ -157,8 +136,8 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="CPUs per Ray Train worker of every trial (overrides the file); leave >= 1 CPU for Ray Data",
     )
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument("--json-out", help="write the best trial and model URI per architecture here")
+    add_tracking_uri(p, default="the file's, else $MLFLOW_TRACKING_URI or ./mlruns")
+    add_json_out(p, "the best trial and model URI per architecture")
     p.set_defaults(run=_run_tune)
 
 
