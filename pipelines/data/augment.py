@@ -8,12 +8,14 @@ on its device, which keeps the object store traffic small.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from pipelines.config import TrainConfig
 from pipelines.data.dataset import decode_mask
 from pipelines.images import decode_image
 
@@ -21,33 +23,32 @@ IGNORE = 255
 MEAN_RGB = (124, 116, 104)  # ImageNet mean in 0-255: padding colour, so padded pixels normalise to ~0
 
 
+# The augmentation options a TrainConfig carries under the same names (and with the same defaults).
+FROM_TRAIN_CONFIG = ("scale_min", "scale_max", "flip", "rotate_deg", "jitter", "blur", "elastic", "crop_mode")
+
+
+def train_default(name: str):
+    """TrainConfig's default for `name`: the one place augmentation defaults are written."""
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
 @dataclass(frozen=True)
 class AugmentParams:
     crop: int
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    flip: bool = True
-    rotate_deg: float = 0.0
-    jitter: float = 0.0
-    blur: float = 0.0
-    elastic: bool = False
+    scale_min: float = train_default("scale_min")
+    scale_max: float = train_default("scale_max")
+    flip: bool = train_default("flip")
+    rotate_deg: float = train_default("rotate_deg")
+    jitter: float = train_default("jitter")
+    blur: float = train_default("blur")
+    elastic: bool = train_default("elastic")
     unet_weights: bool = False
-    crop_mode: str = "random"  # random | object | proposal (DeconvNet's two stages, see object_window)
+    crop_mode: str = train_default("crop_mode")  # random | object | proposal (DeconvNet, see object_window)
 
     @classmethod
-    def from_train_config(cls, cfg) -> AugmentParams:
-        return cls(
-            crop=cfg.crop,
-            scale_min=cfg.scale_min,
-            scale_max=cfg.scale_max,
-            flip=cfg.flip,
-            rotate_deg=cfg.rotate_deg,
-            jitter=cfg.jitter,
-            blur=cfg.blur,
-            elastic=cfg.elastic,
-            unet_weights=cfg.pixel_weight == "unet",
-            crop_mode=cfg.crop_mode,
-        )
+    def from_train_config(cls, cfg: TrainConfig) -> AugmentParams:
+        shared = {name: getattr(cfg, name) for name in FROM_TRAIN_CONFIG}
+        return cls(crop=cfg.crop, unet_weights=cfg.pixel_weight == "unet", **shared)
 
 
 def elastic_deform(

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,8 +116,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
             chosen = [p for p in params if p.requires_grad and kinds[id(p)] == kind]
             if chosen:
                 groups.append({"params": chosen, "lr_mult": mult * lr_mult, "weight_decay": decay})
-    for g in groups:
-        g["lr"] = cfg.lr * g["lr_mult"]
+    # Each group's rate is set by LrSchedule.apply before every step (the first one included).
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -138,6 +138,20 @@ def lr_factor(cfg: TrainConfig, iteration: int, iters_per_epoch: int) -> float:
     if cfg.lr_policy == "step":
         return cfg.step_gamma ** (iteration // max(1, cfg.step_iters or cfg.step_epochs * iters_per_epoch))
     return 1.0
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """The one place learning rates are set: each param group's cfg.lr x lr_mult (the prototxts'
+    per-layer multipliers) x the policy's factor at the optimiser step (`lr_factor`)."""
+
+    cfg: TrainConfig
+    iters_per_epoch: int
+
+    def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
+        factor = lr_factor(self.cfg, iteration, self.iters_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = self.cfg.lr * group["lr_mult"] * factor
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -209,6 +223,7 @@ def train_one_epoch(model, optimizer, scaler, batches, cfg, device, *, iteration
     model.train()
     for module in frozen_modules(model):
         module.eval()
+    schedule = LrSchedule(cfg, iters_per_epoch)
     total = cfg.total_steps(iters_per_epoch)
     stop = min(total, iteration + iters_per_epoch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -220,8 +235,7 @@ def train_one_epoch(model, optimizer, scaler, batches, cfg, device, *, iteration
             continue  # a remainder too small for a step: read to the end so the next epoch starts afresh
         if micro == 0:
             optimizer.zero_grad(set_to_none=True)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * group["lr_mult"] * lr_factor(cfg, iteration, iters_per_epoch)
+            schedule.apply(optimizer, iteration)
         micro += 1
         stepping = micro == cfg.iter_size
         x = to_input(batch["image"], device, cfg)
@@ -402,33 +416,34 @@ def quiet_report_records() -> None:
     logging.getLogger(context.__file__).setLevel(log_level())
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. `config`: {"cfg": TrainConfig dict, "classes", "palette", "run_id",
-    "tracking_uri", "iters_per_epoch", "fingerprint"}."""
+@dataclass
+class WorkerModel:
+    """One worker's model, ready to train: the (DDP-wrapped, compiled) module, the plain module whose
+    state is saved, its optimiser and gradient scaler, and where a resumed run continues."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    start_epoch: int = 0
+    iteration: int = 0
+
+
+def setup_model(cfg: TrainConfig, config: dict[str, Any], rank: int, world: int, device) -> WorkerModel:
+    """Build the network (ImageNet or `init_from` weights on a fresh run), freeze what the recipe fixes,
+    wrap it for DDP, and restore model, optimiser and scaler from Ray Train's checkpoint when resuming."""
     import ray.train
     import ray.train.torch
 
-    from pipelines import tracking
-
-    quiet_report_records()
-    from pipelines.data.dataset import open_prepared
     from segmodels import build_model
 
-    cfg = TrainConfig(**config["cfg"])
-    classes = config["classes"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed + rank)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-
-    model = build_model(cfg.model, len(classes), **cfg.model_args)
-    if cfg.pretrained and ray.train.get_checkpoint() is None:
+    checkpoint = ray.train.get_checkpoint()
+    model = build_model(cfg.model, len(config["classes"]), **cfg.model_args)
+    if cfg.pretrained and checkpoint is None:
         from pipelines.train.init_from import load_pretrained
 
         load_pretrained(model, cfg.pretrained)
-    if cfg.init_from and ray.train.get_checkpoint() is None:
+    if cfg.init_from and checkpoint is None:
         init_from(model, cfg, config, rank)
     freeze(model, cfg.freeze, train_only=cfg.train_only)
     if cfg.sync_bn and cfg.use_gpu and world > 1:
@@ -440,74 +455,119 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
     if cfg.compile:
         model = torch.compile(model)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-
-    start_epoch, iteration = 0, 0
-    checkpoint = ray.train.get_checkpoint()
+    worker = WorkerModel(model, net, optimizer, torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"))
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder), net, optimizer, scaler, device)
-        start_epoch, iteration = state["epoch"] + 1, state["iteration"]
+            state = load_checkpoint(Path(folder), net, optimizer, worker.scaler, device)
+        worker.start_epoch, worker.iteration = state["epoch"] + 1, state["iteration"]
         if rank == 0:
             print(
                 f"[segpipe] resuming {cfg.run_name or cfg.model} from epoch {state['epoch'] + 1} checkpoint"
             )
+    return worker
 
+
+def epoch_metrics(
+    epoch: int,
+    loss: float,
+    scores: dict[str, Any],
+    classes: list[str],
+    throughput: float,
+    seconds: float,
+    lr: float,
+) -> dict[str, Any]:
+    """What every epoch reports to Ray Train and MLflow: loss, the val scores (per class too), speed, lr."""
+    from pipelines import tracking
+
+    metrics = {
+        "epoch": epoch,
+        "train_loss": loss,
+        "val_miou": scores["miou"],
+        "val_pixel_acc": scores["pixel_acc"],
+        "val_mean_acc": scores["mean_acc"],
+        "val_fwiou": scores["fwiou"],
+        "images_per_s": throughput,
+        "epoch_time_s": seconds,
+        "lr": lr,
+    }
+    for name, iou in zip(classes, scores["per_class_iou"], strict=True):
+        if iou is not None and not math.isnan(iou):
+            metrics[f"val_iou_{tracking.sanitize_key(name)}"] = iou
+    return metrics
+
+
+def report_epoch(
+    worker: WorkerModel, cfg: TrainConfig, config: dict[str, Any], rank: int, metrics, cm
+) -> None:
+    """Ray Train's report for the epoch, with rank 0's checkpoint (model, optimiser, scaler, the classes,
+    the metrics and the confusion matrix the final model folder is made from)."""
+    import ray.train
+
+    epoch = metrics["epoch"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_checkpoint(
+                Path(tmp),
+                worker.net,
+                worker.optimizer,
+                worker.scaler,
+                epoch=epoch,
+                iteration=worker.iteration,
+                cfg=cfg,
+                extra={
+                    "classes": config["classes"],
+                    "palette": config["palette"],
+                    "run_id": config["run_id"],
+                    "fingerprint": config["fingerprint"],
+                    "metrics": metrics,
+                    "confusion": cm.matrix.tolist(),
+                },
+            )
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: {"cfg": TrainConfig dict, "classes", "palette", "run_id",
+    "tracking_uri", "iters_per_epoch", "fingerprint"}."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines import tracking
+    from pipelines.data.dataset import open_prepared
+
+    quiet_report_records()
+    cfg = TrainConfig(**config["cfg"])
+    classes = config["classes"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    worker = setup_model(cfg, config, rank, world, device)
     client = tracking.connect(config["tracking_uri"]) if rank == 0 else None
-    iters = config["iters_per_epoch"]
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ValShard(open_prepared(cfg.data), cfg.val_batch_size, rank, world, cfg.val_split)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(worker.start_epoch, cfg.epochs):
         started = time.perf_counter()
-        loss, images, iteration = train_one_epoch(
-            model,
-            optimizer,
-            scaler,
+        loss, images, worker.iteration = train_one_epoch(
+            worker.model,
+            worker.optimizer,
+            worker.scaler,
             iter_train_batches(train_shard, cfg, device),
             cfg,
             device,
-            iteration=iteration,
-            iters_per_epoch=iters,
+            iteration=worker.iteration,
+            iters_per_epoch=config["iters_per_epoch"],
         )
-        train_time = time.perf_counter() - started
-        cm = validate(net, val_shard, len(classes), cfg, device)
+        throughput = images * world / max(time.perf_counter() - started, 1e-9)
+        cm = validate(worker.net, val_shard, len(classes), cfg, device)
         scores = cm.compute()
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss,
-            "val_miou": scores["miou"],
-            "val_pixel_acc": scores["pixel_acc"],
-            "val_mean_acc": scores["mean_acc"],
-            "val_fwiou": scores["fwiou"],
-            "images_per_s": images * world / max(train_time, 1e-9),
-            "epoch_time_s": time.perf_counter() - started,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        for name, iou in zip(classes, scores["per_class_iou"], strict=True):
-            if iou is not None and not math.isnan(iou):
-                metrics[f"val_iou_{tracking.sanitize_key(name)}"] = iou
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(
-                    Path(tmp),
-                    net,
-                    optimizer,
-                    scaler,
-                    epoch=epoch,
-                    iteration=iteration,
-                    cfg=cfg,
-                    extra={
-                        "classes": classes,
-                        "palette": config["palette"],
-                        "run_id": config["run_id"],
-                        "fingerprint": config["fingerprint"],
-                        "metrics": metrics,
-                        "confusion": cm.matrix.tolist(),
-                    },
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+        lr = worker.optimizer.param_groups[0]["lr"]
+        metrics = epoch_metrics(epoch, loss, scores, classes, throughput, time.perf_counter() - started, lr)
+        report_epoch(worker, cfg, config, rank, metrics, cm)
         if rank == 0:
             tracking.log_metrics_once(
                 client, config["run_id"], {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch

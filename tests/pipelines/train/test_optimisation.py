@@ -14,7 +14,14 @@ import torch
 import segmodels
 from pipelines.config import CONFIG_DIR, TrainConfig, apply_overrides, load_train_config, read_yaml
 from pipelines.errors import UserError
-from pipelines.train.loop import build_optimizer, freeze, frozen_modules, lr_factor, train_one_epoch
+from pipelines.train.loop import (
+    LrSchedule,
+    build_optimizer,
+    freeze,
+    frozen_modules,
+    lr_factor,
+    train_one_epoch,
+)
 from pipelines.train.trainer import schedule_epochs
 
 CLASSES = 5
@@ -127,7 +134,9 @@ def groups_by_name(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
 def test_per_layer_lr_and_decay_follow_the_reference(arch, model_args, expected) -> None:
     cfg = load_train_config(CONFIG_DIR / f"{arch}_voc.yaml")
     net = segmodels.build_model(arch, CLASSES, width=WIDTH, **model_args)
-    groups = groups_by_name(net, build_optimizer(net, cfg))
+    optimizer = build_optimizer(net, cfg)
+    LrSchedule(cfg, iters_per_epoch=100).apply(optimizer, 0)  # the rates of the first step
+    groups = groups_by_name(net, optimizer)
     for layer, (weight_mult, bias_mult, weight_decay_mult) in expected.items():
         assert groups[f"{layer}.weight"] == pytest.approx(
             (cfg.lr * weight_mult, cfg.weight_decay * weight_decay_mult)
