@@ -165,47 +165,23 @@ def segpipe_folder(path: Path) -> Path | None:
     return folder if (folder / "model.json").is_file() else None
 
 
-def download_model(uri: str, tracking_uri: str = "") -> Path:
-    """A model URI (`runs:/ID/model`, `models:/NAME/VERSION`, `models:/NAME@ALIAS` or a local folder) -> the
-    local segpipe model folder (model.json + safetensors), unwrapped from the MLflow pyfunc model around it."""
-    local = Path(uri).expanduser()
-    if "://" not in uri and not uri.startswith(("runs:", "models:")):
-        folder = segpipe_folder(local)
-        if folder is None:
-            raise UserError(
-                f"model folder {local} has no model.json; pass a folder written by segpipe or an MLflow URI"
-            )
-        return folder
+def download_model(model, tracking_uri: str, into: Path) -> Path:
+    """Download `model` (a parsed `pipelines.model_uri.ModelUri` of a run, registry version or artifact
+    location) into the empty folder `into`; returns the segpipe model folder (model.json + safetensors)
+    inside it, unwrapped from the MLflow pyfunc model around it. `pipelines.model_uri.fetched_model` owns
+    `into` and removes it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     client = connect(tracking_uri)
-    source = uri
-    if uri.startswith("models:/"):
-        source = model_version(client, uri).source
-    elif not uri.startswith(("runs:/", "s3://", "file:", "http")):
-        raise UserError(
-            f"unsupported model URI {uri!r}: use runs:/RUN_ID/model, models:/NAME/VERSION, "
-            "models:/NAME@ALIAS or a local folder"
-        )
+    source = model_version(client, model).source if model.kind == "registry" else model.uri
     try:
-        path = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="segpipe-model-")
-            )
-        )
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into)))
     except (MlflowException, OSError) as err:
-        raise UserError(f"cannot fetch model {uri!r} from {client.tracking_uri}: {err}") from None
+        raise UserError(f"cannot fetch model {str(model)!r} from {client.tracking_uri}: {err}") from None
     folder = segpipe_folder(path)
     if folder is None:
-        raise UserError(f"{uri!r} holds no segpipe model (no model.json); did the run finish?")
-    if folder != path:
-        # Callers own (and delete) the returned folder: hand over the segpipe folder alone.
-        unwrapped = Path(tempfile.mkdtemp(prefix="segpipe-model-"))
-        for file in folder.iterdir():
-            shutil.move(str(file), unwrapped / file.name)
-        shutil.rmtree(path, ignore_errors=True)
-        folder = unwrapped
+        raise UserError(f"{str(model)!r} holds no segpipe model (no model.json); did the run finish?")
     return folder
 
 
@@ -275,26 +251,24 @@ def log_model_folder(client, run_id: str, folder: Path) -> str:
     return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
 
 
-def model_version(client, uri: str):
-    """Resolve `models:/NAME/VERSION` or `models:/NAME@ALIAS` to a ModelVersion, with clear errors."""
+def model_version(client, uri):
+    """Resolve `models:/NAME/VERSION` or `models:/NAME@ALIAS` (a string or a parsed ModelUri) to a
+    ModelVersion, with clear errors."""
     from mlflow.exceptions import MlflowException
 
-    body = uri.removeprefix("models:/")
-    name, alias, version = body, None, None
-    if "@" in body:
-        name, alias = body.split("@", 1)
-    elif "/" in body:
-        name, version = body.rsplit("/", 1)
-    if not name or (alias is None and version is None):
-        raise UserError(f"model URI {uri!r} must be models:/NAME/VERSION or models:/NAME@ALIAS")
+    from pipelines.model_uri import parse
+
+    model = parse(uri)
+    if model.kind != "registry":
+        raise UserError(f"model URI {str(model)!r} must be models:/NAME/VERSION or models:/NAME@ALIAS")
     try:
-        if alias is not None:
-            return client.get_model_version_by_alias(name, alias)
-        return client.get_model_version(name, version)
+        if model.alias:
+            return client.get_model_version_by_alias(model.name, model.alias)
+        return client.get_model_version(model.name, model.version)
     except MlflowException as err:
-        what = f"alias {alias!r}" if alias is not None else f"version {version!r}"
+        what = f"alias {model.alias!r}" if model.alias else f"version {model.version!r}"
         raise UserError(
-            f"registered model {name!r} has no {what} in {client.tracking_uri}: {err.message}"
+            f"registered model {model.name!r} has no {what} in {client.tracking_uri}: {err.message}"
         ) from None
 
 

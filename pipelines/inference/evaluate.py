@@ -147,30 +147,31 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Score a model on a prepared split; logs `eval_*` metrics to the run when the URI is `runs:/...`."""
     from pipelines import tracking
     from pipelines.data.dataset import open_prepared
+    from pipelines.model_uri import ModelUri, fetched_model
     from pipelines.runtime import ensure_ray, model_actors
     from segmodels.artifact import read_spec
 
     data = open_prepared(cfg.data)
     ensure_ray()
     actors = model_actors(cfg.num_gpus)  # a wrong --num-gpus fails before the download
-    folder = tracking.download_model(cfg.model_uri, cfg.tracking_uri)
-    spec = read_spec(folder)
-    if list(spec.classes) != list(data.classes):
-        raise UserError(
-            f"model {cfg.model_uri} predicts {spec.num_classes} classes {spec.classes[:4]}... but "
-            f"{cfg.data} has {data.num_classes} {list(data.classes)[:4]}...: evaluate on the dataset "
-            "it was trained for"
+    with fetched_model(cfg.model_uri, cfg.tracking_uri) as folder:
+        spec = read_spec(folder)
+        if list(spec.classes) != list(data.classes):
+            raise UserError(
+                f"model {cfg.model_uri} predicts {spec.num_classes} classes {spec.classes[:4]}... but "
+                f"{cfg.data} has {data.num_classes} {list(data.classes)[:4]}...: evaluate on the dataset "
+                "it was trained for"
+            )
+        started = time.perf_counter()
+        cm, images = score_split(
+            folder,
+            data,
+            cfg.split,
+            cfg.settings,
+            max_images=cfg.max_images,
+            concurrency=cfg.concurrency,
+            actors=actors,
         )
-    started = time.perf_counter()
-    cm, images = score_split(
-        folder,
-        data,
-        cfg.split,
-        cfg.settings,
-        max_images=cfg.max_images,
-        concurrency=cfg.concurrency,
-        actors=actors,
-    )
     seconds = time.perf_counter() - started
     result = {
         "model_uri": cfg.model_uri,
@@ -188,9 +189,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "metrics": metrics_json(cm.compute(), list(data.classes)),
         "confusion": cm.to_list(),
     }
-    if cfg.model_uri.startswith("runs:/"):
+    model = ModelUri.parse(cfg.model_uri)
+    if model.kind == "run":
         client = tracking.connect(cfg.tracking_uri)
-        run_id = cfg.model_uri.removeprefix("runs:/").split("/")[0]
+        run_id = model.run_id
         flat = {
             f"eval_{cfg.split}_{k}": v
             for k, v in result["metrics"].items()

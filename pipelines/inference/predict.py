@@ -371,16 +371,17 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     """Segment every input not yet segmented; returns counts, timing and where the outputs are."""
     import ray
 
-    from pipelines import tracking
     from pipelines.inference.core import crf_params, model_payload
+    from pipelines.model_uri import fetched_model
     from pipelines.runtime import ensure_ray, largest_node_memory, model_actors
     from segmodels.artifact import read_spec
 
     ensure_ray()
     model = model_actors(cfg.num_gpus)  # a wrong --num-gpus fails before the download
-    folder = tracking.download_model(cfg.model_uri, cfg.tracking_uri)
-    spec = read_spec(folder)
-    check_format(spec, cfg.format)
+    with fetched_model(cfg.model_uri, cfg.tracking_uri) as folder:  # the download goes when read
+        spec = read_spec(folder)
+        check_format(spec, cfg.format)
+        payload = model_payload(folder)
     params = crf_params(spec.crf, cfg.settings.crf_params) if cfg.settings.crf else None
     started = time.perf_counter()
     ds, quarantined, skipped = read_source(cfg, existing_outputs(cfg.out, cfg.format))
@@ -394,7 +395,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         ds = ds.map_batches(
             Segmenter,
             fn_constructor_kwargs={
-                "payload_ref": [ray.put(model_payload(folder))],
+                "payload_ref": [ray.put(payload)],
                 "settings": cfg.settings,
                 "threads": model.threads(actors),
                 "device": model.device,

@@ -322,6 +322,9 @@ class RecipeRun:
     parent_id: str
     client: Any
     register_as: str
+    state: Any  # pipelines.jobs.state.StepState: the finished stages of this run
+    proposals: Any = None  # object proposals for instance-wise scoring (DeconvNet), or None
+    split_note: str = ""  # set when --tiny had to fall back to train / val
 
 
 def best_epoch(client, run_id: str) -> dict[str, Any]:
@@ -388,7 +391,9 @@ def run_stage(stage: Stage, run: RecipeRun, outputs: dict[str, dict[str, Any]]) 
 
 def register_result(client, stage: Stage, output: dict[str, Any], name: str) -> str:
     """The final model as a version of `name` with alias `reproduced`; returns models:/NAME/VERSION."""
-    if output["model_uri"].startswith("models:/"):  # an ensemble stage registered it already
+    from pipelines.model_uri import ModelUri
+
+    if ModelUri.parse(output["model_uri"]).kind == "registry":  # an ensemble stage registered it already
         version = tracking.model_version(client, output["model_uri"]).version
     else:
         version = tracking.register_run_model(
@@ -400,9 +405,21 @@ def register_result(client, stage: Stage, output: dict[str, Any], name: str) -> 
 
 def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     """Run (or resume) a recipe on a prepared dataset; returns the stages, the result and the table."""
+    run = start_recipe_run(cfg)
+    try:
+        outputs = run_stages(run)
+        model_uri, scores, settings, procedure = score_result(run, outputs)
+    except BaseException:
+        run.client.set_terminated(run.parent_id, status="FAILED")
+        raise
+    return finish_recipe_run(run, outputs, model_uri, scores, settings, procedure)
+
+
+def start_recipe_run(cfg: ReproduceConfig) -> RecipeRun:
+    """Check everything the run needs (recipe, splits, stages, tracking server, storage, other recipes'
+    results) before any stage starts, then open or resume the parent MLflow run."""
     from pipelines.data.dataset import open_prepared
-    from pipelines.inference.evaluate import EvalConfig, evaluate
-    from pipelines.jobs.retrain import StepState
+    from pipelines.jobs.state import StepState
     from pipelines.preflight import default_storage
     from pipelines.train.trainer import check_storage
 
@@ -410,12 +427,11 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     data = open_prepared(cfg.data)
     family = dataset_family(data.manifest.dataset)
     splits, split_note = resolve_splits(recipe, cfg, family, list(data.manifest.splits))
-    stages = recipe.stages_for(family)
-    proposals = None
     if cfg.proposals and not recipe.evaluate_instance:
         raise UserError(
             f"recipe {cfg.recipe} scores whole images; --proposals is for instance-wise recipes (deconvnet)"
         )
+    proposals = None
     if cfg.proposals:
         from pipelines.inference.proposals import load_proposals
 
@@ -426,13 +442,13 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     tracking.check_server(tracking_uri)
     store = check_storage(cfg.storage or default_storage())
     key = run_key(cfg, recipe, data.fingerprint)
-    prefix = f"{default_name(cfg.recipe, family)}-{key[:8]}"
-    state = StepState(storage.join(store, default_name(cfg.recipe, family), key, "state.json"))
     client = tracking.connect(tracking_uri)
+    stages = recipe.stages_for(family)
     for stage in stages:  # another recipe's result must exist before any stage starts
         for ref in stage.ensemble:
             if ref.startswith("recipe:"):
                 member_uri(ref, {}, client, family)
+    prefix = f"{default_name(cfg.recipe, family)}-{key[:8]}"
     parent_id, resumed = tracking.start_or_resume_run(
         client,
         cfg.experiment,
@@ -446,7 +462,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     )
     if split_note:
         print(f"[segpipe] note: {split_note}")
-    run = RecipeRun(
+    return RecipeRun(
         cfg=cfg,
         recipe=recipe,
         family=family,
@@ -458,58 +474,81 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
         parent_id=parent_id,
         client=client,
         register_as=cfg.register_as or default_name(cfg.recipe, family),
+        state=StepState(storage.join(store, default_name(cfg.recipe, family), key, "state.json")),
+        proposals=proposals,
+        split_note=split_note,
     )
+
+
+def run_stages(run: RecipeRun) -> dict[str, dict[str, Any]]:
+    """Each stage in order, skipping the ones the state file records as finished; their outputs by name."""
     outputs: dict[str, dict[str, Any]] = {}
-    evaluate_step = "evaluate-ms" if cfg.multi_scale else "evaluate"
-    try:
-        for number, stage in enumerate(stages, 1):
-            done = state.done(stage.name)
-            if done:
-                outputs[stage.name] = done["output"]
-                print(f"[segpipe] stage {number}/{len(stages)} {stage.name}: already done, skipped")
-                continue
-            print(f"[segpipe] stage {number}/{len(stages)} {stage.name} ...", flush=True)
-            started = time.perf_counter()
-            outputs[stage.name] = run_stage(stage, run, outputs)
-            seconds = time.perf_counter() - started
-            state.record(stage.name, outputs[stage.name], seconds)
-            client.log_metric(parent_id, f"stage_{stage.name}_s", seconds)
-        final = outputs[stages[-1].name]
-        if not state.done("register"):
-            model_uri = register_result(client, stages[-1], final, run.register_as)
-            state.record("register", {"model_uri": model_uri}, 0.0)
-        model_uri = state.done("register")["output"]["model_uri"]
-        settings, procedure = scoring_settings(recipe, cfg, family, splits, proposals, bool(final.get("crf")))
-        if not state.done(evaluate_step):
-            print(f"[segpipe] scoring {model_uri} on {splits.val}: {procedure} ...", flush=True)
-            scores = evaluate(
-                EvalConfig(
-                    model_uri=model_uri,
-                    data=cfg.data,
-                    split=splits.val,
-                    settings=settings,
-                    tracking_uri=tracking_uri,
-                )
+    for number, stage in enumerate(run.stages, 1):
+        done = run.state.done(stage.name)
+        if done:
+            outputs[stage.name] = done["output"]
+            print(f"[segpipe] stage {number}/{len(run.stages)} {stage.name}: already done, skipped")
+            continue
+        print(f"[segpipe] stage {number}/{len(run.stages)} {stage.name} ...", flush=True)
+        started = time.perf_counter()
+        outputs[stage.name] = run_stage(stage, run, outputs)
+        seconds = time.perf_counter() - started
+        run.state.record(stage.name, outputs[stage.name], seconds)
+        run.client.log_metric(run.parent_id, f"stage_{stage.name}_s", seconds)
+    return outputs
+
+
+def score_result(run: RecipeRun, outputs: dict[str, dict[str, Any]]):
+    """Register the last stage's model (alias `reproduced`) and score it on the paper's split with its
+    test-time procedure; returns (model URI, {miou, images}, settings, the procedure in words)."""
+    from pipelines.inference.evaluate import EvalConfig, evaluate
+
+    cfg, state, splits = run.cfg, run.state, run.splits
+    final = outputs[run.stages[-1].name]
+    if not state.done("register"):
+        model_uri = register_result(run.client, run.stages[-1], final, run.register_as)
+        state.record("register", {"model_uri": model_uri}, 0.0)
+    model_uri = state.done("register")["output"]["model_uri"]
+    settings, procedure = scoring_settings(
+        run.recipe, cfg, run.family, splits, run.proposals, bool(final.get("crf"))
+    )
+    step = "evaluate-ms" if cfg.multi_scale else "evaluate"
+    if not state.done(step):
+        print(f"[segpipe] scoring {model_uri} on {splits.val}: {procedure} ...", flush=True)
+        scores = evaluate(
+            EvalConfig(
+                model_uri=model_uri,
+                data=cfg.data,
+                split=splits.val,
+                settings=settings,
+                tracking_uri=run.tracking_uri,
             )
-            summary = {"miou": scores["metrics"]["miou"], "images": scores["images"]}
-            state.record(evaluate_step, summary, scores["seconds"])
-    except BaseException:
-        client.set_terminated(parent_id, status="FAILED")
-        raise
-    scores = state.done(evaluate_step)["output"]
-    last_trained = [outputs[s.name] for s in stages if s.train][-1]
-    table = result_table(recipe, cfg, family, splits, scores, procedure, last_trained, split_note)
-    table["instance"], table["crf"] = proposals is not None, settings.crf
+        )
+        summary = {"miou": scores["metrics"]["miou"], "images": scores["images"]}
+        state.record(step, summary, scores["seconds"])
+    return model_uri, state.done(step)["output"], settings, procedure
+
+
+def finish_recipe_run(
+    run: RecipeRun, outputs: dict[str, dict[str, Any]], model_uri: str, scores, settings, procedure: str
+) -> dict[str, Any]:
+    """The table beside the published number, logged to the parent run, which is closed; the result."""
+    client, parent_id = run.client, run.parent_id
+    last_trained = [outputs[s.name] for s in run.stages if s.train][-1]
+    table = result_table(
+        run.recipe, run.cfg, run.family, run.splits, scores, procedure, last_trained, run.split_note
+    )
+    table["instance"], table["crf"] = run.proposals is not None, settings.crf
     client.log_dict(parent_id, table, "reproduce.json")
     if scores["miou"] is not None:
         client.log_metric(parent_id, "val_miou", scores["miou"])
     client.set_tag(parent_id, "segpipe.model_uri", model_uri)
     client.set_terminated(parent_id, status="FINISHED")
-    seconds = {step: done["seconds"] for step, done in state.data["steps"].items()}
+    seconds = {step: done["seconds"] for step, done in run.state.data["steps"].items()}
     return {
         "run_id": parent_id,
         "model_uri": model_uri,
-        "stages": {s.name: state.done(s.name) for s in stages},
+        "stages": {s.name: run.state.done(s.name) for s in run.stages},
         "step_seconds": seconds,  # each stage's and the final scoring's, as recorded in the state file
         "seconds": sum(seconds.values()),
         "table": table,

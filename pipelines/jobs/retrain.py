@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pipelines import storage, tracking
 from pipelines.config import config_model, make_config, read_yaml
 from pipelines.errors import UserError
+from pipelines.jobs.state import StepState
 
 STEPS = ("prepare", "tune", "ensemble", "promote")
 
@@ -78,23 +79,6 @@ def source_fingerprint(root: str) -> str:
     for path, size in sorted(files.items()):
         digest.update(f"{path.removeprefix(base)}\0{size}\n".encode())
     return digest.hexdigest()
-
-
-class StepState:
-    """Finished steps of one cycle, persisted after each step (local folder or s3://)."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.data: dict[str, Any] = (
-            json.loads(storage.read_text(uri)) if storage.exists(uri) else {"steps": {}}
-        )
-
-    def done(self, step: str) -> dict[str, Any] | None:
-        return self.data["steps"].get(step)
-
-    def record(self, step: str, output: dict[str, Any], seconds: float) -> None:
-        self.data["steps"][step] = {"output": output, "seconds": seconds, "finished": time.time()}
-        storage.write_text(self.uri, json.dumps(self.data, indent=2, default=str))
 
 
 def _prepare_step(cfg: RetrainConfig, fingerprint: str) -> dict[str, Any]:

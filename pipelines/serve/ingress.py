@@ -26,8 +26,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 
+from pipelines.model_uri import ModelUri
 from pipelines.serve.config import ServeConfig
-from pipelines.serve.refs import ModelRef, registry_alias, resolve_model
+from pipelines.serve.refs import ModelRef, resolve_model
 from pipelines.serve.render import Reply
 from pipelines.serve.uploads import ApiError, read_upload
 
@@ -107,8 +108,12 @@ class SegmentationIngress:
         self.active = 0  # requests this replica holds (admission control: 503 JSON beyond cfg.admitted)
         self.update_error: dict | None = None  # the last version the alias pointed at that failed to load
         self.page = resources.files("pipelines").joinpath("static/index.html").read_text()
-        alias = registry_alias(cfg.model_uri)
-        self.updates = asyncio.get_running_loop().create_task(self.follow_alias(*alias)) if alias else None
+        followed = ModelUri.parse(cfg.model_uri)
+        self.updates = (
+            asyncio.get_running_loop().create_task(self.follow_alias(followed.name, followed.alias))
+            if followed.is_alias
+            else None
+        )
 
     # ------------------------------------------------------------------ hot update
     async def follow_alias(self, name: str, alias: str) -> None:

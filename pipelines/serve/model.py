@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -18,8 +17,10 @@ from collections import OrderedDict
 import numpy as np
 from ray import serve
 
+from pipelines.errors import UserError
+from pipelines.model_uri import ModelUri, fetched_model
 from pipelines.serve.config import ServeConfig, batch_knobs
-from pipelines.serve.refs import ModelRef, discard_download, registry_name
+from pipelines.serve.refs import ModelRef
 from pipelines.serve.render import Dense, Reply, error_reply, render
 from pipelines.serve.uploads import ApiError, decode_upload
 
@@ -44,7 +45,8 @@ class SegmentationModel:
         self.threads = cfg.replica_threads or max(1, round(cfg.member_cpus))
         torch.set_num_threads(self.threads)
         self.cfg, self.initial_source = cfg, model.source
-        self.registry = registry_name(cfg.model_uri)
+        followed = ModelUri.parse(cfg.model_uri)
+        self.registry = followed.name if followed.kind == "registry" else ""
         self.device = "cuda" if cfg.member_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.loaded: OrderedDict[str, object] = OrderedDict()  # source -> segmodels LoadedModel
         self.lock = threading.Lock()
@@ -74,15 +76,15 @@ class SegmentationModel:
 
     def check_source(self, source: str) -> None:
         """Only the operator's model, or another version of the same registered model, may be loaded."""
-        pinned = source == self.initial_source
-        if not pinned and not (
-            self.registry and re.fullmatch(rf"models:/{re.escape(self.registry)}/\d+", source)
-        ):
+        try:
+            version = bool(self.registry) and ModelUri.parse(source).is_version_of(self.registry)
+        except UserError:
+            version = False
+        if source != self.initial_source and not version:
             raise ValueError(f"refusing to load {source!r}: this endpoint serves {self.cfg.model_uri!r}")
 
     def model(self, source: str):
         """Model `source` as a segmodels LoadedModel (all members, averaged by `.ensemble`)."""
-        from pipelines import tracking
         from segmodels.artifact import load_model_dir
 
         with self.lock:
@@ -90,11 +92,8 @@ class SegmentationModel:
                 self.loaded.move_to_end(source)
                 return self.loaded[source]
             self.check_source(source)
-            folder = tracking.download_model(source, self.cfg.tracking_uri)
-            try:
+            with fetched_model(source, self.cfg.tracking_uri) as folder:
                 model = load_model_dir(folder, self.device)
-            finally:
-                discard_download(source, folder)
             self.loaded[source] = model
             while len(self.loaded) > KEEP_VERSIONS:
                 self.loaded.popitem(last=False)

@@ -15,13 +15,14 @@ from typing import Any
 from ray import serve
 
 from pipelines.errors import UserError
+from pipelines.model_uri import ModelUri
 from pipelines.preflight import Capacity, cluster_capacity
 from pipelines.runtime import log_level
 from pipelines.serve.config import APP_NAME, ServeConfig, config_from_args, replica_sizing
 from pipelines.serve.crf import CRFRefiner
 from pipelines.serve.ingress import SegmentationIngress
 from pipelines.serve.model import SegmentationModel
-from pipelines.serve.refs import is_local_folder, resolve_model
+from pipelines.serve.refs import resolve_model
 from pipelines.serve_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 # The proxy gives up this long after the app's own timeout, so clients normally get the app's JSON 504.
@@ -65,7 +66,7 @@ def build_app(cfg: ServeConfig):
     """
     from pipelines import tracking
 
-    if not is_local_folder(cfg.model_uri):
+    if ModelUri.parse(cfg.model_uri).kind != "folder":
         # Replicas run in other processes (and nodes): give them an absolute store, not "./mlruns".
         cfg = dataclasses.replace(cfg, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking_uri))
     model = resolve_model(cfg.model_uri, cfg.tracking_uri)

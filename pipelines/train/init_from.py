@@ -14,13 +14,13 @@ its checkpoint instead); rank 0 logs what was copied, skipped and kept to the ML
 
 from __future__ import annotations
 
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipelines import tracking
 from pipelines.config import TrainConfig
 from pipelines.errors import UserError
+from pipelines.model_uri import ModelUri, fetched_model
 
 REPORT_ARTIFACT = "init_from.json"
 CAFFE_SUFFIX = ".caffemodel"
@@ -107,24 +107,15 @@ def source_weights_file(uri: str, tracking_uri: str):
     removed after."""
     from segmodels.artifact import read_spec
 
-    folder = tracking.download_model(uri, tracking_uri)
-    downloaded = folder != Path(uri).expanduser()
-    try:
+    with fetched_model(uri, tracking_uri) as folder:
         spec = read_spec(folder)
         yield folder / spec.members[0].weights, spec.members[0]
-    finally:
-        if downloaded:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def pin_uri(uri: str, tracking_uri: str) -> str:
-    """The same model, named so that it cannot move before the workers read it."""
-    if uri.startswith("models:/") and "@" in uri:
-        version = tracking.model_version(tracking.connect(tracking_uri), uri)
-        return f"models:/{version.name}/{version.version}"
-    if "://" not in uri and not uri.startswith(("runs:", "models:")):
-        return str(Path(uri).expanduser().resolve())  # workers do not share the driver's directory
-    return uri
+    """The same model, named so that it cannot move before the workers read it (an alias resolved to its
+    version, a folder absolute: workers do not share the driver's directory)."""
+    return str(ModelUri.parse(uri).pinned(tracking_uri))
 
 
 def check_init_from(cfg: TrainConfig, num_classes: int, tracking_uri: str) -> str:

@@ -207,3 +207,17 @@ def tricky_images() -> dict[str, tuple[bytes, tuple[int, int]]]:
         "cmyk.jpg": (encoded(photo.convert("CMYK"), "JPEG", quality=95), (28, 40)),
         "transparent.png": (encoded(palette, "PNG", transparency=0), (28, 40)),
     }
+
+
+@pytest.fixture
+def downloads_removed(tmp_path, monkeypatch):
+    """Temporary files of this process go to a fresh folder; after the test, no downloaded model folder
+    (`segpipe-model-*`) may be left in it."""
+    import tempfile
+
+    scratch = tmp_path / "tempdir"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    yield scratch
+    left = sorted(p.name for p in scratch.glob("segpipe-model-*"))
+    assert not left, f"model downloads left behind: {left}"

@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipelines import tracking
 from pipelines.inference.core import InferenceSettings, predict_batch
+from pipelines.model_uri import fetched_model
 from segmodels.artifact import load_model_dir, read_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,8 +82,11 @@ def test_fresh_process_loads_run_and_registered_ensemble(model_folder, mlflow_ur
     assert not list(logged.rglob("*.pkl")), "the model must not be pickled"
 
     # segpipe's own readers get the plain model folder back, for runs and registered versions alike.
-    assert read_spec(tracking.download_model(run_uri, mlflow_uri)).name == "single"
-    assert len(read_spec(tracking.download_model("models:/pyfunc-seg@champion", mlflow_uri)).members) == 2
+    with fetched_model(run_uri, mlflow_uri) as folder:
+        assert read_spec(folder).name == "single"
+    with fetched_model("models:/pyfunc-seg@champion", mlflow_uri) as folder:
+        assert len(read_spec(folder).members) == 2
+    assert not folder.exists()  # a download lasts as long as the block
 
     images = np.random.default_rng(0).integers(0, 256, (2, 37, 53, 3), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", images=images)

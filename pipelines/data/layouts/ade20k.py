@@ -9,8 +9,6 @@ as the benchmark scores it (and mmsegmentation's `reduce_zero_label`). Splits: `
 
 from __future__ import annotations
 
-import posixpath
-
 import numpy as np
 
 from pipelines import storage
@@ -21,6 +19,7 @@ from pipelines.data.layouts.base import (
     Sample,
     decode_label_png,
     first_existing,
+    folder_pairs,
 )
 from pipelines.errors import UserError
 
@@ -75,23 +74,7 @@ class Ade20k(Layout):
             raise UserError(
                 f"{image_dir} does not exist: an ADEChallengeData2016 folder holds images/{folder}/"
             )
-        labels = storage.list_files(label_dir, recursive=False)
-        samples, rejected = [], []
-        for rel in sorted(storage.list_files(image_dir, recursive=False)):
-            stem, ext = posixpath.splitext(rel)
-            if ext != ".jpg":
-                continue
-            if stem + ".png" in labels:
-                samples.append(
-                    Sample(split, stem, storage.join(image_dir, rel), storage.join(label_dir, stem + ".png"))
-                )
-            else:
-                rejected.append(
-                    Rejected(
-                        split, stem, storage.join(label_dir, stem + ".png"), "image has no annotation PNG"
-                    )
-                )
-        return samples, rejected
+        return folder_pairs(split, image_dir, label_dir, ".jpg", ".png", "image has no annotation PNG")
 
     def label_to_mask(self, sample: Sample, label: bytes | None) -> np.ndarray:
         values = decode_label_png(label, sample.label)

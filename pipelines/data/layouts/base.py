@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -141,4 +142,23 @@ def paired_samples(
             )
         else:
             samples.append(Sample(split, image_id, image, label))
+    return samples, rejected
+
+
+def folder_pairs(
+    split: str, image_dir: str, label_dir: str, image_ext: str, label_ext: str, missing: str
+) -> tuple[list[Sample], list[Rejected]]:
+    """Every `image_dir/<stem><image_ext>` with its `label_dir/<stem><label_ext>` (one listing per folder);
+    an image without its label is rejected with reason `missing`."""
+    labels = storage.list_files(label_dir, recursive=False)
+    samples, rejected = [], []
+    for rel in sorted(storage.list_files(image_dir, recursive=False)):
+        stem, ext = posixpath.splitext(rel)
+        if ext != image_ext:
+            continue
+        label = storage.join(label_dir, stem + label_ext)
+        if stem + label_ext in labels:
+            samples.append(Sample(split, stem, storage.join(image_dir, rel), label))
+        else:
+            rejected.append(Rejected(split, stem, label, missing))
     return samples, rejected

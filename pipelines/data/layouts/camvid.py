@@ -9,12 +9,18 @@ them at half size.
 
 from __future__ import annotations
 
-import posixpath
-
 import numpy as np
 
 from pipelines import storage
-from pipelines.data.layouts.base import BadSample, Layout, Rejected, Sample, decode_label_png, first_existing
+from pipelines.data.layouts.base import (
+    BadSample,
+    Layout,
+    Rejected,
+    Sample,
+    decode_label_png,
+    first_existing,
+    folder_pairs,
+)
 from pipelines.errors import UserError
 
 CAMVID_CLASSES = (
@@ -44,21 +50,7 @@ class CamVid(Layout):
             raise UserError(
                 f"{image_dir} does not exist: the SegNet CamVid layout holds {split}/ and {split}annot/"
             )
-        labels = storage.list_files(label_dir, recursive=False)
-        samples, rejected = [], []
-        for rel in sorted(storage.list_files(image_dir, recursive=False)):
-            stem, ext = posixpath.splitext(rel)
-            if ext != ".png":
-                continue
-            if rel in labels:
-                samples.append(
-                    Sample(split, stem, storage.join(image_dir, rel), storage.join(label_dir, rel))
-                )
-            else:
-                rejected.append(
-                    Rejected(split, stem, storage.join(label_dir, rel), f"image has no {split}annot label")
-                )
-        return samples, rejected
+        return folder_pairs(split, image_dir, label_dir, ".png", ".png", f"image has no {split}annot label")
 
     def label_to_mask(self, sample: Sample, label: bytes | None) -> np.ndarray:
         values = decode_label_png(label, sample.label)

@@ -92,26 +92,69 @@ def check_candidates(uris: list[str], specs, data, source: str) -> None:
             )
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """What scoring, selection and the CRF search decided, before anything is registered."""
+
+    selection: Any  # selection.Selection: chosen candidates, weights, confusion, per-member mIoU
+    crf: Any  # crf_search.CRFSearch, or None
+    images: int  # images scored
+    seconds: float
+
+
 def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     """Score, select, (optionally) add a tuned CRF, then register the ensemble; returns the JSON result."""
-    import tempfile
+    from contextlib import ExitStack
 
     from pipelines.data.dataset import open_prepared
     from pipelines.inference.evaluate import metrics_json
-    from pipelines.select.ensemble.crf_search import search_crf
+    from pipelines.model_uri import fetched_model
     from pipelines.select.ensemble.registration import flatten_members, register_ensemble
-    from pipelines.select.ensemble.scoring import score_candidates
-    from pipelines.select.ensemble.selection import average_all, confusion_scores, greedy_select
-    from segmodels.artifact import ModelSpec, read_spec
+    from pipelines.select.ensemble.selection import confusion_scores
+    from segmodels.artifact import read_spec
 
     data = open_prepared(cfg.data)
     if cfg.split not in data.manifest.splits:
         raise UserError(f"{cfg.data} has no split {cfg.split!r}; it has {', '.join(data.splits)}")
     client = tracking.connect(cfg.tracking_uri)
     uris = expand_candidates(cfg, client)
-    folders = [tracking.download_model(u, cfg.tracking_uri) for u in uris]
-    specs = [read_spec(f) for f in folders]
-    check_candidates(uris, specs, data, cfg.data)
+    with ExitStack() as downloads:  # every downloaded candidate is removed when the block ends
+        folders = [downloads.enter_context(fetched_model(u, cfg.tracking_uri)) for u in uris]
+        specs = [read_spec(f) for f in folders]
+        check_candidates(uris, specs, data, cfg.data)
+        chosen = choose_members(cfg, folders, data)
+        members, member_weights, states = flatten_members(
+            chosen.selection.chosen, chosen.selection.weights, uris, folders, specs
+        )
+    metrics = metrics_json(confusion_scores(chosen.selection.confusion), list(data.classes))
+    spec = ensemble_spec(cfg, data, chosen, metrics, members, member_weights, specs[0])
+    model_uri, run_id = register_ensemble(
+        client,
+        spec=spec,
+        states=states,
+        experiment=cfg.experiment,
+        register_as=cfg.register_as,
+        params=ensemble_params(cfg, data, chosen, uris),
+        metrics={k: v for k, v in spec.metrics.items() if not isinstance(v, dict) and v is not None},
+        description=f"ensemble of {len(chosen.selection.chosen)} candidate(s), {cfg.split} mIoU "
+        f"{metrics['miou']:.4f}",
+        tags={
+            f"{cfg.split}_miou": f"{metrics['miou']:.6f}",
+            "dataset_fingerprint": data.fingerprint,
+        },
+        parent_run_id=cfg.parent_run_id,
+    )
+    return ensemble_result(model_uri, run_id, uris, chosen, metrics)
+
+
+def choose_members(cfg: EnsembleConfig, folders, data) -> Chosen:
+    """Score the candidates into shards (removed afterwards), select members, search the CRF."""
+    import tempfile
+
+    from pipelines.select.ensemble.crf_search import search_crf
+    from pipelines.select.ensemble.scoring import score_candidates
+    from pipelines.select.ensemble.selection import average_all, greedy_select
+
     scratch = cfg.scratch or tempfile.mkdtemp(prefix="segpipe-ensemble-")
     shards_uri = storage.join(scratch, f"shards-{int(time.time() * 1000)}") if cfg.scratch else scratch
     started = time.perf_counter()
@@ -126,11 +169,11 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
             images_per_shard=cfg.images_per_shard,
         )
         images = sum(s.images for s in shards)
-        print(f"[segpipe] scored {len(uris)} candidate(s) on {images} {cfg.split} images")
+        print(f"[segpipe] scored {len(folders)} candidate(s) on {images} {cfg.split} images")
         if cfg.select == "average":
-            selection = average_all(shards, len(uris), data.num_classes)
+            selection = average_all(shards, len(folders), data.num_classes)
         else:
-            selection = greedy_select(shards, len(uris), data.num_classes, cfg.max_members)
+            selection = greedy_select(shards, len(folders), data.num_classes, cfg.max_members)
         crf = None
         if cfg.crf:
             crf = search_crf(
@@ -142,60 +185,63 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
             )
     finally:
         storage.remove_tree(shards_uri)
-    metrics = metrics_json(confusion_scores(selection.confusion), list(data.classes))
-    chosen, weights = selection.chosen, selection.weights
-    crf_params = crf.params if crf else None
-    members, member_weights, states = flatten_members(chosen, weights, uris, folders, specs)
+    return Chosen(selection, crf, images, time.perf_counter() - started)
+
+
+def ensemble_spec(cfg: EnsembleConfig, data, chosen: Chosen, metrics, members, member_weights, first):
+    """The ensemble's model.json: the members, their weights, the CRF and the metrics on `cfg.split`."""
+    from segmodels.artifact import ModelSpec
+
     spec_metrics = {f"{cfg.split}_{k}": v for k, v in metrics.items()}
-    if crf_params:
-        spec_metrics[f"{cfg.split}_miou_crf"] = crf.miou_with
-        spec_metrics[f"{cfg.split}_miou_no_crf"] = crf.miou_without
-    spec = ModelSpec(
+    if chosen.crf is not None:
+        spec_metrics[f"{cfg.split}_miou_crf"] = chosen.crf.miou_with
+        spec_metrics[f"{cfg.split}_miou_no_crf"] = chosen.crf.miou_without
+    return ModelSpec(
         name=cfg.register_as or "segpipe-ensemble",
         classes=list(data.classes),
         palette=[list(p) for p in data.palette],
         members=members,
         ensemble_weights=member_weights,
-        mean=specs[0].mean,
-        std=specs[0].std,
-        crf=crf_params,
+        mean=first.mean,
+        std=first.std,
+        crf=chosen.crf.params if chosen.crf is not None else None,
         metrics=spec_metrics,
         dataset_fingerprint=data.fingerprint,
     )
-    model_uri, run_id = register_ensemble(
-        client,
-        spec=spec,
-        states=states,
-        experiment=cfg.experiment,
-        register_as=cfg.register_as,
-        params={
-            "candidates": ",".join(uris),
-            "members": ",".join(uris[c] for c in chosen),
-            "weights": ",".join(f"{w:.3f}" for w in weights),
-            "crf": crf_params,
-            "selection_images": images,
-            "selection_stride": cfg.stride,
-            "dataset_fingerprint": data.fingerprint,
-        },
-        metrics={k: v for k, v in spec_metrics.items() if not isinstance(v, dict) and v is not None},
-        description=f"ensemble of {len(chosen)} candidate(s), {cfg.split} mIoU {metrics['miou']:.4f}",
-        tags={f"{cfg.split}_miou": f"{metrics['miou']:.6f}", "dataset_fingerprint": data.fingerprint},
-        parent_run_id=cfg.parent_run_id,
-    )
+
+
+def ensemble_params(cfg: EnsembleConfig, data, chosen: Chosen, uris: list[str]) -> dict[str, Any]:
+    """The MLflow params of the ensemble run: candidates, members, weights, CRF, how selection scored."""
+    return {
+        "candidates": ",".join(uris),
+        "members": ",".join(uris[c] for c in chosen.selection.chosen),
+        "weights": ",".join(f"{w:.3f}" for w in chosen.selection.weights),
+        "crf": chosen.crf.params if chosen.crf is not None else None,
+        "selection_images": chosen.images,
+        "selection_stride": cfg.stride,
+        "dataset_fingerprint": data.fingerprint,
+    }
+
+
+def ensemble_result(
+    model_uri: str, run_id: str, uris: list[str], chosen: Chosen, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON `segpipe ensemble` writes (and retrain / reproduce record)."""
+    selection, crf = chosen.selection, chosen.crf
     member_scores = dict(zip(uris, selection.member_miou, strict=True))
     return {
         "model_uri": model_uri,
         "run_id": run_id,
         "members": [
             {"uri": uris[c], "weight": w, "val_miou": member_scores[uris[c]]}
-            for c, w in zip(chosen, weights, strict=True)
+            for c, w in zip(selection.chosen, selection.weights, strict=True)
         ],
-        "weights": weights,
-        "crf": crf_params,
+        "weights": selection.weights,
+        "crf": crf.params if crf is not None else None,
         "crf_search": None if crf is None else dataclasses.asdict(crf),
         "selection_history": selection.history,
-        "selection_images": images,
+        "selection_images": chosen.images,
         "metrics": metrics,
         "candidates": member_scores,
-        "seconds": time.perf_counter() - started,
+        "seconds": chosen.seconds,
     }

@@ -200,13 +200,21 @@ def test_pixel_batches_keep_sizes_apart_and_passes_within_the_budget(model_folde
     assert input_padding(load_model_dir(model_folder(VOC_CLASSES, VOC_PALETTE, name="other"))) == 0
 
 
-def test_s3_in_and_out(ray_session, model_folder, s3, tmp_path):
+def test_s3_in_and_out(ray_session, model_folder, s3, tmp_path, mlflow_uri, downloads_removed):
+    """s3:// in and out, with the model from a run (`runs:/...`): its download is removed afterwards."""
+    from pipelines import tracking
+
     folder = model_folder(VOC_CLASSES, VOC_PALETTE)
+    client = tracking.connect(mlflow_uri)
+    run_id, _ = tracking.start_or_resume_run(client, "predict", "model")
+    run_uri = tracking.log_model_folder(client, run_id, folder)
     images = write_inputs(tmp_path / "in")
     for path in (tmp_path / "in").rglob("*"):
         if path.is_file():
             storage.write_bytes(f"{s3}/in/{path.relative_to(tmp_path / 'in').as_posix()}", path.read_bytes())
-    cfg = PredictConfig(model_uri=str(folder), input=f"{s3}/in", out=f"{s3}/out", max_pixels=5000)
+    cfg = PredictConfig(
+        model_uri=run_uri, input=f"{s3}/in", out=f"{s3}/out", max_pixels=5000, tracking_uri=mlflow_uri
+    )
     result = predict(cfg)
     assert (result["written"], result["quarantined"]) == (3, 2)
     listed = storage.list_files(f"{s3}/out")

@@ -24,6 +24,7 @@ from pipelines.jobs.reproduce import (
     stage_config,
     table_row,
 )
+from pipelines.model_uri import fetched_model
 
 VAL_IMAGES = 6
 RECIPES = ["deconvnet", "deeplab", "dilation", "fcn", "fcn_atonce", "pspnet", "unet"]
@@ -441,10 +442,10 @@ def test_deeplab_msc_with_crf_and_dilation_context_on_a_fixed_front_end(
 
     dilation = reproduce(tiny("dilation", small_voc, mlflow_uri, tmp_path))
     assert list(dilation["stages"]) == ["front_end", "context"]
-    front = tracking.download_model(dilation["stages"]["front_end"]["output"]["model_uri"], mlflow_uri)
-    context = tracking.download_model(dilation["stages"]["context"]["output"]["model_uri"], mlflow_uri)
-    before = read_state_dict(front / "member0.safetensors")
-    after = read_state_dict(context / "member0.safetensors")
+    with fetched_model(dilation["stages"]["front_end"]["output"]["model_uri"], mlflow_uri) as front:
+        before = read_state_dict(front / "member0.safetensors")
+    with fetched_model(dilation["stages"]["context"]["output"]["model_uri"], mlflow_uri) as context:
+        after = read_state_dict(context / "member0.safetensors")
     # The context stage trained only its context module: the front end is the first stage's, exactly.
     assert set(before) < set(after) and all(k.startswith("context.") for k in set(after) - set(before))
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipelines.data.dataset import open_prepared
+from pipelines.model_uri import fetched_model
 from pipelines.select.ensemble.crf_search import coarse_settings, search_crf
 from pipelines.select.ensemble.scoring import image_probs, read_shard, score_candidates
 from pipelines.select.ensemble.selection import greedy_select
@@ -161,6 +162,7 @@ def test_segpipe_ensemble_selects_tunes_crf_and_registers(prepared_voc, make_can
     assert tracking.alias_version(MlflowClient(uri), "shards-model", "challenger") == "1"
     assert not list((tmp_path / "s").rglob("*.npz"))  # the shards are scratch, removed afterwards
 
-    model = load_model_dir(tracking.download_model(result["model_uri"], uri))
+    with fetched_model(result["model_uri"], uri) as folder:
+        model = load_model_dir(folder)
     assert model.spec.ensemble_weights == pytest.approx(result["weights"])
     assert model.spec.metrics["val_miou"] == result["metrics"]["miou"] and model.spec.crf == result["crf"]

@@ -13,6 +13,7 @@ from pipelines.cli import main
 from pipelines.errors import UserError
 from pipelines.inference.core import InferenceSettings
 from pipelines.inference.evaluate import EvalConfig, evaluate
+from pipelines.model_uri import fetched_model
 from pipelines.select.ensemble import EnsembleConfig, build_ensemble
 from pipelines.select.promote import PromoteConfig, promote
 from pipelines.train.tune import parse_search, tune_search
@@ -118,7 +119,7 @@ def test_bad_base_value_fails_before_any_trial(prepared_voc, tmp_path):
     assert not (tmp_path / "ray" / "sel-unet").exists()
 
 
-def test_evaluate_whole_slide_tta_and_crf(searched, prepared_voc, store, tmp_path):
+def test_evaluate_whole_slide_tta_and_crf(searched, prepared_voc, store, tmp_path, downloads_removed):
     uri = searched["architectures"]["unet"]["best"]["model_uri"]
     results = {}
     for label, settings in {
@@ -170,7 +171,9 @@ def test_evaluate_whole_slide_tta_and_crf(searched, prepared_voc, store, tmp_pat
     }
 
 
-def test_ensemble_scores_at_least_its_best_member_and_is_registered(searched, prepared_voc, store):
+def test_ensemble_scores_at_least_its_best_member_and_is_registered(
+    searched, prepared_voc, store, downloads_removed
+):
     candidates = tuple(a["best"]["model_uri"] for a in searched["architectures"].values())
     result = build_ensemble(
         EnsembleConfig(
@@ -189,10 +192,10 @@ def test_ensemble_scores_at_least_its_best_member_and_is_registered(searched, pr
     client = MlflowClient(store["uri"])
     assert tracking.alias_version(client, "sel-model", "challenger") == "1"
 
-    from pipelines.tracking import download_model
     from segmodels.artifact import load_model_dir
 
-    model = load_model_dir(download_model(result["model_uri"], store["uri"]))
+    with fetched_model(result["model_uri"], store["uri"]) as folder:
+        model = load_model_dir(folder)
     assert abs(sum(model.spec.ensemble_weights) - 1.0) < 1e-6
     assert model.spec.dataset_fingerprint and model.spec.metrics["val_miou"] == result["metrics"]["miou"]
     with torch.no_grad():

@@ -37,6 +37,7 @@ from pipelines import tracking
 from pipelines.cli import main
 from pipelines.errors import UserError
 from pipelines.inference.core import InferenceSettings, predict_image
+from pipelines.model_uri import fetched_model
 from pipelines.preflight import Capacity
 from pipelines.serve import (
     APP_NAME,
@@ -475,8 +476,8 @@ def test_tricky_images_get_the_pyfunc_models_mask_over_http(endpoint, tricky_ima
         versions.add(reply.headers["x-model-version"])
     (version,) = versions
     uri = f"sqlite:///{endpoint['root'] / 'mlflow.db'}"
-    folder = tracking.download_model(f"models:/tiny/{version}", uri)
-    pyfunc = mlflow.pyfunc.load_model(str(tracking.save_pyfunc(folder, tmp_path / "pyfunc")))
+    with fetched_model(f"models:/tiny/{version}", uri) as folder:
+        pyfunc = mlflow.pyfunc.load_model(str(tracking.save_pyfunc(folder, tmp_path / "pyfunc")))
     frame = pyfunc.predict(pd.DataFrame({"image": [data for data, _ in tricky_images.values()]}))
     for name, mask in zip(tricky_images, frame["mask"], strict=True):
         np.testing.assert_array_equal(served[name], np.asarray(Image.open(io.BytesIO(mask))), err_msg=name)

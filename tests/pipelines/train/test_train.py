@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.cli import main
 from pipelines.errors import UserError
+from pipelines.model_uri import fetched_model
 from pipelines.train.trainer import resolve, train
 
 pytestmark = pytest.mark.slow
@@ -71,10 +72,10 @@ def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp
     }
     assert len(client.list_artifacts(result.run_id, "overlays")) == 2
 
-    from pipelines.tracking import download_model
     from segmodels.artifact import load_model_dir
 
-    model = load_model_dir(download_model(result.model_uri, mlflow_uri))
+    with fetched_model(result.model_uri, mlflow_uri) as folder:
+        model = load_model_dir(folder)
     assert model.spec.members[0].arch == "unet"
     assert model.spec.classes[0] == "background" and len(model.spec.classes) == 21
     assert Path(result.checkpoint).name.startswith("checkpoint_epoch_")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.errors import UserError
+from pipelines.model_uri import fetched_model
 from pipelines.weights.caffe import net_parameter
 from pipelines.weights.import_weights import ImportConfig, import_weights
 from segmodels.artifact import load_model_dir
@@ -783,7 +784,6 @@ def test_other_mistakes_are_user_errors(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_imported_model_registers(tmp_path, mlflow_uri) -> None:
-    from pipelines import tracking
 
     path = tmp_path / "fcn32s.caffemodel"
     write_caffemodel(path, fcn_blobs(32, at_once=False), legacy=False)
@@ -797,8 +797,8 @@ def test_imported_model_registers(tmp_path, mlflow_uri) -> None:
         )
     )
     assert summary["model_uri"] == "models:/fcn32s-voc/1"
-    folder = tracking.download_model(summary["model_uri"], mlflow_uri)
-    assert load_model_dir(folder).spec.members[0].input.channel_order == "bgr"
+    with fetched_model(summary["model_uri"], mlflow_uri) as folder:
+        assert load_model_dir(folder).spec.members[0].input.channel_order == "bgr"
 
 
 def test_imported_model_predicts_through_the_evaluate_path(tmp_path, images) -> None:
