@@ -39,6 +39,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="GPUs per model replica (the whole ensemble), e.g. 1 or 0.5 (default: 0, CPU)",
     )
     p.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="require `Authorization: Bearer <token>` on /v1/ with the token in FILE (/healthz stays open); "
+        "put TLS in front at the ingress or load balancer",
+    )
+    p.add_argument(
         "--crf",
         action="store_true",
         help="dense CRF post-processing with the model's parameters, in its own 1-CPU replicas",

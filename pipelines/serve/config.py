@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -18,6 +19,23 @@ from pipelines.errors import UserError
 from pipelines.preflight import Capacity
 
 APP_NAME = "segpipe"
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def read_token(path: str) -> str:
+    """The bearer token in `path` (surrounding whitespace dropped); UserError when it cannot serve as one."""
+    try:
+        token = Path(path).expanduser().read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"--auth-token-file {path}: cannot read it ({type(err).__name__}: {err})") from None
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise UserError(
+            f"--auth-token-file {path}: the token must be one word of at least {MIN_TOKEN_CHARS} characters "
+            "(e.g. `openssl rand -hex 32 > token`)"
+        )
+    return token
 
 
 @config_model
@@ -57,8 +75,13 @@ class ServeConfig:
     # Dense CRF in its own autoscaled pool of 1-CPU replicas (up to max_replicas).
     crf: bool = False
     poll_s: float = 10.0  # how often a models:/NAME@ALIAS endpoint checks where the alias points
+    # A file holding the token /v1/ requests must send as `Authorization: Bearer <token>` (a Kubernetes
+    # Secret mounted as a file); "" = no authentication. The path travels in the config, the token never.
+    auth_token_file: str = ""
 
     def __post_init__(self) -> None:
+        if self.auth_token_file:
+            read_token(self.auth_token_file)  # missing, unreadable or empty: an error before Serve starts
         if not self.model_uri:
             raise UserError("no model to serve: pass --model-uri (runs:/..., models:/NAME@ALIAS, a folder)")
         if self.min_replicas < 0 or self.max_replicas < 0 or self.min_replicas > (self.max_replicas or 2**31):

@@ -13,6 +13,7 @@ the version it started with, so none fails during an update.
 """
 
 import asyncio
+import hmac
 import logging
 from http import HTTPStatus
 from importlib import resources
@@ -27,7 +28,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 
 from pipelines.model_uri import ModelUri
-from pipelines.serve.config import ServeConfig
+from pipelines.serve.config import ServeConfig, read_token
 from pipelines.serve.refs import ModelRef, resolve_model
 from pipelines.serve.render import Reply
 from pipelines.serve.uploads import ApiError, read_upload
@@ -66,6 +67,7 @@ SEGMENT_RESPONSES = {
         code: {"description": what}
         for code, what in [
             (400, "empty, corrupt or truncated image"),
+            (401, "missing or wrong `Authorization: Bearer <token>` (endpoints started with a token)"),
             (413, "body or image dimensions over the limit"),
             (415, "not a JPEG or PNG"),
             (503, "overloaded: retry later"),
@@ -78,7 +80,8 @@ SEGMENT_RESPONSES = {
 # Registered before @serve.ingress(api) below, which takes the app as it is then.
 @api.exception_handler(ApiError)
 async def api_error(request: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse({"error": err.error, "detail": err.detail}, status_code=err.status)
+    headers = {"WWW-Authenticate": 'Bearer realm="segpipe"'} if err.status == 401 else None
+    return JSONResponse({"error": err.error, "detail": err.detail}, status_code=err.status, headers=headers)
 
 
 @api.exception_handler(HTTPException)
@@ -108,6 +111,7 @@ class SegmentationIngress:
         self.active = 0  # requests this replica holds (admission control: 503 JSON beyond cfg.admitted)
         self.update_error: dict | None = None  # the last version the alias pointed at that failed to load
         self.page = resources.files("pipelines").joinpath("static/index.html").read_text()
+        self.token = read_token(cfg.auth_token_file).encode() if cfg.auth_token_file else None
         followed = ModelUri.parse(cfg.model_uri)
         self.updates = (
             asyncio.get_running_loop().create_task(self.follow_alias(followed.name, followed.alias))
@@ -153,6 +157,16 @@ class SegmentationIngress:
                 cause = getattr(err, "cause", None) or err  # the replica's own exception, not Ray's wrapper
                 self.update_error = {"version": failed, "error": f"{type(cause).__name__}: {cause}"[:1000]}
 
+    def authorize(self, request: Request) -> None:
+        """401 unless the request carries the endpoint's token (compared in constant time; never logged)."""
+        if self.token is None:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
+            raise ApiError(
+                401, "unauthorized", "this endpoint needs its token: send `Authorization: Bearer <token>`"
+            )
+
     # ------------------------------------------------------------------ routes
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(self) -> HTMLResponse:
@@ -163,7 +177,8 @@ class SegmentationIngress:
         return {"status": "ok", "model": self.ref.spec.name, "version": self.ref.version}
 
     @api.get("/v1/model")
-    async def model_info(self) -> dict:
+    async def model_info(self, request: Request) -> dict:
+        self.authorize(request)
         ref = self.ref
         spec = ref.spec
         return {
@@ -187,6 +202,7 @@ class SegmentationIngress:
         self, request: Request, fmt: Literal["png", "json", "overlay"] = Query("png", alias="format")
     ) -> Response:
         """Segment one JPEG/PNG image (raw body, or multipart field `file`)."""
+        self.authorize(request)
         admitted = self.cfg.admitted
         if admitted is not None and self.active >= admitted:
             raise ApiError(

@@ -174,6 +174,16 @@ def test_app_args_are_typed_and_checked():
         config_from_args({"model_uri": "x", "max_replica": 3})
     with pytest.raises(UserError, match="max_replicas: input should be a valid integer"):
         config_from_args({"model_uri": "x", "max_replicas": "many"})
+
+
+def test_a_token_file_must_hold_a_usable_token(tmp_path):
+    with pytest.raises(UserError, match="cannot read it"):
+        config_from_args({"model_uri": "x", "auth_token_file": str(tmp_path / "missing")})
+    (tmp_path / "short").write_text("abc\n")
+    with pytest.raises(UserError, match="at least 16 characters"):
+        config_from_args({"model_uri": "x", "auth_token_file": str(tmp_path / "short")})
+    (tmp_path / "good").write_text("  " + "a" * 32 + "\n")
+    assert config_from_args({"model_uri": "x", "auth_token_file": str(tmp_path / "good")}).auth_token_file
     with pytest.raises(UserError, match="min-replicas"):
         ServeConfig(model_uri="x", min_replicas=3, max_replicas=2)
 
@@ -855,7 +865,11 @@ def test_the_upload_page_shows_the_overlay_in_headless_chromium(endpoint, browse
 # ---------------------------------------------------------------------------------------------- CLI
 @pytest.mark.slow
 def test_segpipe_serve_with_crf_answers_until_interrupted(tmp_path):
+    """`segpipe serve --crf --auth-token-file`: 401 JSON without the token or with a wrong one, 200 with it,
+    /healthz open, the token in no log; CRF answers; Ctrl-C stops it."""
     folder = tiny_model(tmp_path / "model", ["fcn8s"])
+    token = "s3cr3t-" + os.urandom(12).hex()
+    (tmp_path / "token").write_text(token + "\n")
     port, log = free_port(), tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, as from a terminal
     with log.open("w") as out:
@@ -870,6 +884,8 @@ def test_segpipe_serve_with_crf_answers_until_interrupted(tmp_path):
                 "--port",
                 str(port),
                 "--crf",
+                "--auth-token-file",
+                str(tmp_path / "token"),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -877,6 +893,7 @@ def test_segpipe_serve_with_crf_answers_until_interrupted(tmp_path):
             env=env,
         )
     url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {token}"}
     try:
         wait_until(
             lambda: f"serving {folder} at {url}" in log.read_text() or process.poll() is not None,
@@ -884,16 +901,25 @@ def test_segpipe_serve_with_crf_answers_until_interrupted(tmp_path):
             "segpipe serve to start",
         )
         assert process.poll() is None, log.read_text()[-3000:]
-        assert httpx.get(f"{url}/v1/model").json()["crf"] is True
-        assert_serves(url)
+        assert httpx.get(f"{url}/healthz").status_code == 200  # open: for load balancers and probes
+        for headers in ({}, {"Authorization": "Bearer wrong-token-of-some-length"}, {"Authorization": token}):
+            refused = post(url, encode(photo(64, 48), "PNG"), headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"] == "unauthorized", refused.text
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert httpx.get(f"{url}/v1/model").status_code == 401
+        assert httpx.get(f"{url}/v1/model", headers=auth).json()["crf"] is True
+        reply = post(url, encode(photo(64, 48), "PNG"), headers=auth)
+        assert reply.status_code == 200 and Image.open(io.BytesIO(reply.content)).size == (64, 48)
         # The answer was made in the CRF pool, after the model replica's inference.
-        timing = post(url, encode(photo(64, 48), "PNG"), fmt="json").json()["timing_ms"]
+        timing = post(url, encode(photo(64, 48), "PNG"), fmt="json", headers=auth).json()["timing_ms"]
         assert set(timing) == {"decode", "inference", "crf", "postprocess"}, timing
         process.send_signal(signal.SIGINT)
         assert process.wait(120) == 0, log.read_text()[-3000:]
     finally:
         if process.poll() is None:
             process.kill()
+    logs = [log, *Path("/tmp/ray/session_latest/logs").glob("serve/*.log")]
+    assert not [p for p in logs if p.is_file() and token in p.read_text(errors="replace")]
     assert "shutting down" in log.read_text()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/healthz", timeout=5)
