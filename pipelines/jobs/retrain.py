@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pipelines import storage, tracking
 from pipelines.config import config_model, make_config, read_yaml
 from pipelines.errors import UserError
+from pipelines.jobs.lease import LEASE_NAME, Lease
 from pipelines.jobs.state import StepState
 
 STEPS = ("prepare", "tune", "ensemble", "promote")
@@ -139,8 +140,6 @@ def _tune_step(cfg: RetrainConfig, cycle: str, parent_id: str) -> dict[str, Any]
 def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     """Run (or resume) the cycle for the current source data; returns every step's output and the decision."""
     from pipelines.preflight import default_storage
-    from pipelines.select.ensemble import EnsembleConfig, build_ensemble
-    from pipelines.select.promote import PromoteConfig, promote
     from pipelines.train.trainer import check_storage
 
     fingerprint = source_fingerprint(cfg.source.root)
@@ -150,9 +149,16 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(
         cfg, storage=storage_uri, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking_uri)
     )
-    state = StepState(
-        storage.join(cfg.state or storage.join(storage_uri, f"retrain-{cfg.name}"), cycle, "state.json")
-    )
+    base = cfg.state or storage.join(storage_uri, f"retrain-{cfg.name}")
+    with Lease(storage.join(base, LEASE_NAME), cfg.name, cycle):  # one cycle of this retrain at a time
+        return run_cycle(cfg, cycle, fingerprint, StepState(storage.join(base, cycle, "state.json")))
+
+
+def run_cycle(cfg: RetrainConfig, cycle: str, fingerprint: str, state: StepState) -> dict[str, Any]:
+    """The cycle's steps (those not yet recorded in `state`), under its MLflow parent run."""
+    from pipelines.select.ensemble import EnsembleConfig, build_ensemble
+    from pipelines.select.promote import PromoteConfig, promote
+
     tracking.check_server(cfg.tracking_uri)
     client = tracking.connect(cfg.tracking_uri)
     parent_id, resumed = tracking.start_or_resume_run(

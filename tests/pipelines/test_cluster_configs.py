@@ -152,8 +152,89 @@ _METADATA_SCHEMA = {
         "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 }
+_OPEN = {"type": "object"}  # a part the API server validates itself (pod templates, probes, env)
 # Core kinds used in cluster/kuberay/, with the fields the manifests may use.
 _CORE_SCHEMAS = {
+    ("v1", "ServiceAccount"): {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": {}},
+    },
+    ("apps/v1", "Deployment"): {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {},
+            "kind": {},
+            "metadata": {},
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "template"],
+                "properties": {
+                    "replicas": {"type": "integer", "minimum": 0},
+                    "selector": {"type": "object", "required": ["matchLabels"]},
+                    "template": {
+                        "type": "object",
+                        "required": ["metadata", "spec"],
+                        "properties": {
+                            "metadata": _OPEN,
+                            "spec": {"type": "object", "required": ["containers"]},
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("v1", "Service"): {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {},
+            "kind": {},
+            "metadata": {},
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "ports"],
+                "properties": {
+                    "type": {"enum": ["ClusterIP", "LoadBalancer", "NodePort"]},
+                    "selector": {"type": "object"},
+                    "ports": {"type": "array", "items": {"type": "object", "required": ["port"]}},
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {},
+            "kind": {},
+            "metadata": {},
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "podMetricsEndpoints"],
+                "properties": {
+                    "selector": {"type": "object"},
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["port"],
+                            "properties": {"port": {"type": "string"}, "path": {}, "interval": {}},
+                        },
+                    },
+                },
+            },
+        },
+    },
     ("v1", "ConfigMap"): {
         "type": "object",
         "additionalProperties": False,
@@ -265,6 +346,47 @@ def test_head_services_do_not_collide():
         doc["metadata"]["name"] for _, doc in _manifests() if doc["kind"] in ("RayCluster", "RayService")
     ]
     assert len(names) == len(set(names)) == 2, names
+
+
+def test_pods_have_the_service_account_and_the_heads_take_no_work():
+    (account,) = [doc for _, doc in _manifests() if doc["kind"] == "ServiceAccount"]
+    assert account["metadata"]["name"] == "segpipe"
+    assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
+    templates = [(n, pod) for n, doc in _manifests() for c in _cluster_specs(doc) for pod in _pod_specs(c)]
+    templates += [(n, d["spec"]["template"]["spec"]) for n, d in _manifests() if d["kind"] == "Deployment"]
+    assert len(templates) == 9  # 4 Ray clusters x (head + GPU group) + the MLflow server
+    for name, pod in templates:
+        assert pod["serviceAccountName"] == "segpipe", name
+    for name, doc in _manifests():
+        for cluster in _cluster_specs(doc):
+            assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", name
+
+
+def test_a_stuck_retrain_ends_before_the_next_scheduled_one():
+    cron = _manifest("RayCronJob")
+    minute, hour, day, month, weekday = cron["spec"]["schedule"].split()
+    assert (day, month, weekday) == ("*", "*", "*") and hour.isdigit(), "the test knows daily schedules"
+    assert cron["spec"]["jobTemplate"]["activeDeadlineSeconds"] < 24 * 3600
+
+
+def test_the_endpoint_upgrade_strategy_and_the_mlflow_server_are_chosen():
+    service = _manifest("RayService")
+    assert service["spec"]["upgradeStrategy"]["type"] in (
+        "NewCluster",
+        "None",
+        "NewClusterWithIncrementalUpgrade",
+    )
+    env = _manifest("ConfigMap")["data"]["MLFLOW_TRACKING_URI"]
+    (mlflow,) = [
+        doc for _, doc in _manifests() if doc["kind"] == "Service" and doc["metadata"]["name"] == "mlflow"
+    ]
+    assert env == f"http://{mlflow['metadata']['name']}.{NAMESPACE}.svc:{mlflow['spec']['ports'][0]['port']}"
+    (server,) = [doc for _, doc in _manifests() if doc["kind"] == "Deployment"]
+    command = " ".join(server["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert "--artifacts-destination=s3://" in command and "--backend-store-uri=" in command
+    assert "mlflow.segpipe.svc:5000" in command  # the Host header clients send is allowed
+    readme = (CLUSTER / "README.md").read_text()
+    assert "KubeRay v1.7.0" in readme and ">= v1.6.0" in readme and "RayCronJob=true" in readme
 
 
 def test_retrain_job_and_schedule_run_the_same_job():

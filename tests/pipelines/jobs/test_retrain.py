@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,9 +73,31 @@ def training_runs(uri: str) -> int:
 def test_promotes_then_is_idempotent_then_keeps_champion_without_a_margin_win(
     voc_source, tmp_path, ray_session, capfd
 ):
-    cfg = load_retrain(str(retrain_file(tmp_path, voc_source)))
+    path = retrain_file(tmp_path, voc_source)
+    cfg = load_retrain(str(path))
+    # A second cycle of the same retrain started while this one runs (another process, as a second
+    # scheduled job would be) stops within seconds, naming the running cycle; this one goes on.
+    lease = tmp_path / "ray" / "retrain-t" / "lease.json"
+    second: dict = {}
+
+    def start_second() -> None:
+        deadline = time.monotonic() + 300
+        while not lease.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "retrain", "--config", str(path)],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""},
+        )  # fmt: skip
+        second.update(code=proc.returncode, err=proc.stderr, seconds=time.monotonic() - started)
+
+    thread = threading.Thread(target=start_second)
+    thread.start()
     first = retrain(cfg)
+    thread.join()
     assert first["promoted"] and first["champion_version"] == "1"
+    assert second["code"] == 2 and "'t' is already running: cycle " + first["cycle"] in second["err"], second
+    assert second["seconds"] < 30 and not lease.exists()  # released at the end
     prepared = first["steps"]["prepare"]["output"]
     assert not prepared["skipped"] and prepared["quarantined"] == 0
     manifest = json.loads((Path(cfg.prepared) / "manifest.json").read_text())
