@@ -113,6 +113,8 @@ class TrainConfig:
     max_failures: int = 2
     checkpoints_to_keep: int = 2
     num_overlays: int = 4
+    # MLflow system metrics (CPU, memory, disk, network, GPU) of the first worker every N seconds; 0 = off.
+    system_metrics_s: float = 10.0
     # Tracking and storage.
     tracking_uri: str = ""
     experiment: str = "segpipe"

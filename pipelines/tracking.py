@@ -6,6 +6,7 @@ both under the working directory; `--tracking-uri http://...` or `MLFLOW_TRACKIN
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -141,6 +142,29 @@ def sanitize_key(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name)
 
 
+def log_dataset(client, run_id: str, data, context: str = "training") -> None:
+    """The prepared dataset as the run's MLflow dataset input: where it is, its fingerprint, its splits."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with (
+        warnings.catch_warnings()
+    ):  # local paths match two equivalent source kinds: MLflow warns, then picks one
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(data.root)
+    splits = {name: info.rows for name, info in data.manifest.splits.items()}
+    dataset = MetaDataset(source, name=data.manifest.dataset, digest=data.fingerprint[:32])
+    tags = [
+        InputTag("mlflow.data.context", context),
+        InputTag("segpipe.fingerprint", data.fingerprint),
+        InputTag("segpipe.splits", json.dumps(splits)),
+    ]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
     """Log flat params, skipping keys already logged with the same value (params are immutable)."""
     from mlflow.entities import Param
@@ -244,11 +268,38 @@ def save_pyfunc(folder: Path, dst: Path) -> Path:
     return dst
 
 
-def log_model_folder(client, run_id: str, folder: Path) -> str:
-    """Log a segpipe model folder to `run_id` as its `model` artifact, an MLflow pyfunc model; returns the URI."""
-    with tempfile.TemporaryDirectory(prefix="segpipe-pyfunc-") as tmp:
-        client.log_artifacts(run_id, str(save_pyfunc(folder, Path(tmp) / "model")), MODEL_ARTIFACT_PATH)
+def log_model_folder(client, run_id: str, folder: Path, metrics: dict[str, float] | None = None) -> str:
+    """Log a segpipe model folder as run `run_id`'s MLflow 3 LoggedModel named `model`: a pyfunc model
+    (models-from-code, the safetensors folder as its artifact), listed in the Models tab and by
+    `mlflow.search_logged_models`, with `metrics` logged to the run and linked to it. Returns the run's
+    model URI (`runs:/RUN_ID/model`, which MLflow resolves to the LoggedModel)."""
+    from mlflow.entities import LoggedModelOutput
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(
+        experiment_id, name=MODEL_ARTIFACT_PATH, source_run_id=run_id, model_type="segpipe"
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="segpipe-pyfunc-") as tmp:
+            client.log_model_artifacts(logged.model_id, str(save_pyfunc(folder, Path(tmp) / "model")))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(logged.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, float(value), model_id=logged.model_id)
     return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
+
+
+def run_model_id(client, run_id: str) -> str | None:
+    """The id of run `run_id`'s LoggedModel `model`; None for a model logged before MLflow 3's LoggedModels
+    (plain artifacts under the run), which still loads and registers the old way."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models(
+        [experiment_id], filter_string=f"name = '{MODEL_ARTIFACT_PATH}' AND source_run_id = '{run_id}'"
+    )
+    return found[0].model_id if found else None
 
 
 def model_version(client, uri):
@@ -274,10 +325,18 @@ def model_version(client, uri):
 
 # ---------------------------------------------------------------------------------------------- registry
 def register_model_folder(
-    client, name: str, folder: Path, *, run_id: str, description: str = "", tags: dict[str, str] | None = None
+    client,
+    name: str,
+    folder: Path,
+    *,
+    run_id: str,
+    description: str = "",
+    tags: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
 ):
-    """Log a model folder to `run_id` as its `model` artifact and register it as a new version of `name`."""
-    log_model_folder(client, run_id, folder)
+    """Log a model folder as run `run_id`'s LoggedModel `model` (with `metrics` linked to it) and register
+    it as a new version of `name`."""
+    log_model_folder(client, run_id, folder, metrics=metrics)
     return register_run_model(client, name, run_id=run_id, description=description, tags=tags)
 
 
@@ -291,11 +350,14 @@ def register_run_model(
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="segpipe segmentation models (see model.json)")
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
-    version = client.create_model_version(
-        name, source=source, run_id=run_id, description=description, tags=tags or {}
+    model_id = run_model_id(client, run_id)
+    if model_id:  # the version is made from the LoggedModel (MLflow 3)
+        source = f"models:/{model_id}"
+    else:  # a model logged as the run's plain artifacts
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+    return client.create_model_version(
+        name, source=source, run_id=run_id, description=description, tags=tags or {}, model_id=model_id
     )
-    return version
 
 
 def alias_version(client, name: str, alias: str) -> str | None:

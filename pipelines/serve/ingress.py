@@ -13,8 +13,10 @@ the version it started with, so none fails during an update.
 """
 
 import asyncio
+import functools
 import hmac
 import logging
+import time
 from http import HTTPStatus
 from importlib import resources
 from typing import Literal
@@ -84,6 +86,69 @@ async def api_error(request: Request, err: ApiError) -> JSONResponse:
     return JSONResponse({"error": err.error, "detail": err.detail}, status_code=err.status, headers=headers)
 
 
+ROUTES = ("/v1/segment", "/v1/model", "/healthz", "/")
+LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+
+
+@functools.cache
+def metrics():
+    """segpipe's own Prometheus metrics, on Ray's metrics port of each node (made in the replica process:
+    Serve adds the deployment, replica and application tags)."""
+    from ray.serve import metrics as serve_metrics
+
+    return {
+        "requests": serve_metrics.Counter(
+            "segpipe_requests_total",
+            description="Answered requests by route and status.",
+            tag_keys=("route", "status"),
+        ),
+        "latency": serve_metrics.Histogram(
+            "segpipe_request_latency_ms",
+            description="Time from the request reaching the ingress to its answer.",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("route",),
+        ),
+        "version": serve_metrics.Gauge(
+            "segpipe_model_version",
+            description="Registered version in service (0: a run or a folder).",
+            tag_keys=("model",),
+        ),
+        "held": serve_metrics.Gauge(
+            "segpipe_ingress_requests", description="Requests this ingress replica holds: working and queued."
+        ),
+    }
+
+
+class CountRequests:
+    """ASGI middleware: every answer, errors included (the exception handlers run inside it), counted by
+    route and status, and timed."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def note_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, note_status)
+        finally:
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            path = path[len(root) :] if root and path.startswith(root) else path
+            route = path if path in ROUTES else "other"
+            metrics()["requests"].inc(tags={"route": route, "status": str(status[0])})
+            metrics()["latency"].observe((time.perf_counter() - started) * 1000, tags={"route": route})
+
+
+api.add_middleware(CountRequests)
+
+
 @api.exception_handler(HTTPException)
 async def http_error(request: Request, err: HTTPException) -> JSONResponse:
     code = HTTPStatus(err.status_code).phrase.lower().replace(" ", "_")
@@ -112,6 +177,7 @@ class SegmentationIngress:
         self.update_error: dict | None = None  # the last version the alias pointed at that failed to load
         self.page = resources.files("pipelines").joinpath("static/index.html").read_text()
         self.token = read_token(cfg.auth_token_file).encode() if cfg.auth_token_file else None
+        self.show_version()
         followed = ModelUri.parse(cfg.model_uri)
         self.updates = (
             asyncio.get_running_loop().create_task(self.follow_alias(followed.name, followed.alias))
@@ -145,6 +211,7 @@ class SegmentationIngress:
                     ref.version,
                 )
                 self.ref, self.update_error = ref, None
+                self.show_version()
             except Exception as err:  # a registry hiccup or a broken version must not stop the endpoint
                 logger.exception(
                     "could not switch to %s@%s version %s; still serving version %s",
@@ -156,6 +223,9 @@ class SegmentationIngress:
                 failed = str(version)
                 cause = getattr(err, "cause", None) or err  # the replica's own exception, not Ray's wrapper
                 self.update_error = {"version": failed, "error": f"{type(cause).__name__}: {cause}"[:1000]}
+
+    def show_version(self) -> None:
+        metrics()["version"].set(int(self.ref.version or 0), tags={"model": self.ref.spec.name})
 
     def authorize(self, request: Request) -> None:
         """401 unless the request carries the endpoint's token (compared in constant time; never logged)."""
@@ -212,6 +282,7 @@ class SegmentationIngress:
                 "(max_ongoing_requests + max_queued_requests): retry later",
             )
         self.active += 1
+        metrics()["held"].set(self.active)
         try:
             data = await read_upload(request, self.cfg.max_body_bytes)
             ref = self.ref  # the whole request uses the version current when it arrived
@@ -245,6 +316,7 @@ class SegmentationIngress:
             raise ApiError(500, "internal", f"{type(err).__name__}: {err}") from None
         finally:
             self.active -= 1
+            metrics()["held"].set(self.active)
         return Response(reply.body, status_code=reply.status, media_type=reply.media, headers=reply.headers)
 
     async def answer(self, data: bytes, ref: ModelRef, fmt: str, lost: list) -> Reply:

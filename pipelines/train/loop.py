@@ -535,11 +535,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipelines import tracking
-    from pipelines.data.dataset import open_prepared
 
     quiet_report_records()
     cfg = TrainConfig(**config["cfg"])
-    classes = config["classes"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -548,6 +546,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     worker = setup_model(cfg, config, rank, world, device)
     client = tracking.connect(config["tracking_uri"]) if rank == 0 else None
+    monitor = system_metrics(cfg, config, rank, resumed=worker.start_epoch > 0)
+    try:
+        run_epochs(worker, cfg, config, rank, world, device, client)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def system_metrics(cfg: TrainConfig, config: dict[str, Any], rank: int, resumed: bool):
+    """MLflow's system-metrics monitor on the first worker (a thread sampling CPU, memory, disk, network and
+    GPUs into the run's `system/...` metrics), or None."""
+    if rank != 0 or cfg.system_metrics_s <= 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        config["run_id"],
+        sampling_interval=cfg.system_metrics_s,
+        resume_logging=resumed,
+        tracking_uri=config["tracking_uri"],
+    )
+    monitor.start()
+    return monitor
+
+
+def run_epochs(
+    worker: WorkerModel, cfg: TrainConfig, config: dict[str, Any], rank, world, device, client
+) -> None:
+    """Train, validate, checkpoint and report every remaining epoch."""
+    import ray.train
+
+    from pipelines import tracking
+    from pipelines.data.dataset import open_prepared
+
+    classes = config["classes"]
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ValShard(open_prepared(cfg.data), cfg.val_batch_size, rank, world, cfg.val_split)
     for epoch in range(worker.start_epoch, cfg.epochs):

@@ -278,17 +278,20 @@ def log_final_model(client, run_id: str, checkpoint, data, cfg: TrainConfig) -> 
         state = json.loads((Path(folder) / STATE_FILE).read_text())
         weights = load_file(str(Path(folder) / WEIGHTS_FILE))
     spec = model_spec_from_state(state, cfg.run_name, source=f"runs:/{run_id}")
+    # The logged model is the best or the final epoch (`keep`): its own scores, beside the curves and
+    # linked to the LoggedModel (`mlflow.search_logged_models(filter_string="metrics.model_val_miou > 0.5")`).
+    scores = {
+        f"model_{key}": float(value)
+        for key, value in state["metrics"].items()
+        if key == "epoch" or (key.startswith("val_") and not key.startswith("val_iou_"))
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model_dir(Path(tmp) / "model", spec, [weights])
-        tracking.log_model_folder(client, run_id, model_dir)
+        tracking.log_model_folder(client, run_id, model_dir, metrics=scores)
         log_overlays(client, run_id, model_dir, data, cfg.val_split, cfg.num_overlays, Path(tmp))
     client.log_figure(
         run_id, confusion_figure(np.asarray(state["confusion"]), state["classes"]), "confusion_matrix.png"
     )
-    # The logged model is the best or the final epoch (`keep`): record its own scores beside the curves.
-    for key, value in state["metrics"].items():
-        if key == "epoch" or (key.startswith("val_") and not key.startswith("val_iou_")):
-            client.log_metric(run_id, f"model_{key}", float(value))
     return state["metrics"]
 
 
@@ -354,6 +357,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "dataset": data.manifest.dataset,
         },
     )
+    if not resumed:
+        tracking.log_dataset(client, run_id, data)
     try:
         result = make_trainer(cfg, data, run_id, callbacks).fit()
         # Ray keeps the latest checkpoint beside the best ones (CheckpointConfig.num_to_keep).

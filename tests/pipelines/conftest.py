@@ -27,6 +27,7 @@ TINY = {
     "num_workers": 1,
     "max_failures": 2,
     "num_overlays": 2,
+    "system_metrics_s": 1.0,  # a sample a second: runs of seconds still log MLflow system metrics
 }
 
 

@@ -47,6 +47,7 @@ def test_alias_pins_to_its_version_and_downloads_are_removed(model_folder, mlflo
     run_id, _ = tracking.start_or_resume_run(client, "uri", "model")
     version = tracking.register_model_folder(client, "uri-seg", folder, run_id=run_id)
     tracking.set_alias(client, "uri-seg", "champion", version.version)
+    assert version.source == f"models:/{tracking.run_model_id(client, run_id)}"  # made from the LoggedModel
     pinned = ModelUri.parse("models:/uri-seg@champion").pinned(mlflow_uri)
     assert str(pinned) == f"models:/uri-seg/{version.version}" and not pinned.is_alias
     with fetched_model(pinned, mlflow_uri) as fetched:
@@ -58,3 +59,21 @@ def test_alias_pins_to_its_version_and_downloads_are_removed(model_folder, mlflo
     with fetched_model(str(folder)) as local:  # the operator's own folder: used in place, kept
         assert Path(local) == folder
     assert folder.is_dir()
+
+
+def test_a_model_logged_the_old_way_still_loads_and_registers(model_folder, mlflow_uri):
+    """Before MLflow 3's LoggedModels, the pyfunc model was the run's plain `model` artifact."""
+    import tempfile
+
+    folder = model_folder(["background", "thing"], [[0, 0, 0], [200, 0, 0]])
+    client = tracking.connect(mlflow_uri)
+    run_id, _ = tracking.start_or_resume_run(client, "uri", "old-style")
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifacts(run_id, str(tracking.save_pyfunc(folder, Path(tmp) / "model")), "model")
+    assert tracking.run_model_id(client, run_id) is None
+    with fetched_model(f"runs:/{run_id}/model", mlflow_uri) as fetched:
+        assert (fetched / "model.json").read_text() == (folder / "model.json").read_text()
+    version = tracking.register_run_model(client, "old-style", run_id=run_id)
+    assert version.source.endswith("/model") and not version.source.startswith("models:/")
+    with fetched_model(f"models:/old-style/{version.version}", mlflow_uri) as fetched:
+        assert (fetched / "model.json").is_file()

@@ -69,7 +69,11 @@ def test_fresh_process_loads_run_and_registered_ensemble(model_folder, mlflow_ur
     tracking.set_alias(client, "pyfunc-seg", "champion", version.version)
 
     # The MLmodel carries the flavor, the signature (inference params) and the pip requirements.
-    logged = Path(client.download_artifacts(run_id, tracking.MODEL_ARTIFACT_PATH, str(tmp_path)))
+    import mlflow
+
+    logged = Path(
+        mlflow.artifacts.download_artifacts(run_uri, dst_path=str(tmp_path), tracking_uri=mlflow_uri)
+    )
     mlmodel = yaml.safe_load((logged / "MLmodel").read_text())
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert {p["name"] for p in json.loads(mlmodel["signature"]["params"])} == {"scales", "flip"}

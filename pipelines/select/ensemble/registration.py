@@ -50,17 +50,21 @@ def register_ensemble(
         client, experiment, "", tags={"segpipe.stage": "ensemble"}, parent_run_id=parent_run_id or None
     )
     tracking.log_params(client, run_id, params)
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_model_dir(Path(tmp) / "model", spec, states)
         if register_as:
             version = tracking.register_model_folder(
-                client, register_as, folder, run_id=run_id, description=description, tags=tags
+                client,
+                register_as,
+                folder,
+                run_id=run_id,
+                description=description,
+                tags=tags,
+                metrics=metrics,
             )
             tracking.set_alias(client, register_as, "challenger", version.version)
             model_uri = f"models:/{register_as}/{version.version}"
         else:
-            model_uri = tracking.log_model_folder(client, run_id, folder)
+            model_uri = tracking.log_model_folder(client, run_id, folder, metrics=metrics)
     client.set_terminated(run_id, status="FINISHED")
     return model_uri, run_id

@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -467,6 +468,34 @@ def test_masks_have_the_input_size_and_the_palette(endpoint, mode, fmt, size):
 
     upload = httpx.post(f"{url}/v1/segment", files={"file": (f"x.{fmt.lower()}", data, media)}, timeout=60)
     assert upload.status_code == 200 and Image.open(io.BytesIO(upload.content)).size == size
+
+
+@pytest.mark.slow
+def test_segpipes_metrics_reach_rays_metrics_port(endpoint):
+    """Requests by route and status, latency, the version in service and the ingress's held requests, as
+    Prometheus scrapes them from each node's Ray metrics port."""
+    import ray
+
+    url = endpoint["url"]
+    assert post(url, encode(photo(32, 32), "PNG")).status_code == 200
+    assert post(url, b"").status_code == 400
+    node = next(n for n in ray.nodes() if n["Alive"])
+    scrape = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = [
+        re.compile(r'ray_segpipe_requests_total\{[^}]*route="/v1/segment"[^}]*status="200"[^}]*\} [1-9]'),
+        re.compile(r'ray_segpipe_requests_total\{[^}]*route="/v1/segment"[^}]*status="400"'),
+        re.compile(r'ray_segpipe_request_latency_ms_bucket\{[^}]*route="/v1/segment"'),
+        re.compile(r'ray_segpipe_model_version\{[^}]*model="tiny"[^}]*\} [1-9]'),
+        re.compile(r"ray_segpipe_ingress_requests\{"),
+    ]
+    text = ""
+
+    def scraped() -> bool:
+        nonlocal text
+        text = httpx.get(scrape, timeout=10).text
+        return all(w.search(text) for w in wanted)
+
+    wait_until(scraped, 60, "segpipe's metrics on Ray's metrics port")
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from pipelines.cli import main
@@ -37,7 +38,8 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp_path):
-    result = train(tiny_config(epochs=16, lr_policy="fixed", run_name="learn"))
+    cfg = tiny_config(epochs=16, lr_policy="fixed", run_name="learn")
+    result = train(cfg)
     client = MlflowClient(mlflow_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -63,14 +65,31 @@ def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp
     assert mious[int(run.data.metrics["model_epoch"])] == pytest.approx(max(mious))
 
     names = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"model", "overlays", "confusion_matrix.png"} <= names
-    # An MLflow pyfunc model wrapping the segpipe folder (model.json + weights) as its artifact.
-    assert "model/MLmodel" in {a.path for a in client.list_artifacts(result.run_id, "model")}
-    assert {a.path for a in client.list_artifacts(result.run_id, "model/artifacts/model")} == {
-        "model/artifacts/model/model.json",
-        "model/artifacts/model/member0.safetensors",
+    assert {"overlays", "confusion_matrix.png"} <= names
+    # An MLflow 3 LoggedModel of the run: a pyfunc model wrapping the segpipe folder (model.json + weights),
+    # found by search_logged_models with the kept epoch's scores linked to it.
+    (logged,) = client.search_logged_models(
+        [run.info.experiment_id],
+        filter_string=f"source_run_id = '{result.run_id}' AND metrics.model_val_miou > 0",
+    )
+    assert logged.name == "model" and logged.status == LoggedModelStatus.READY
+    linked = {m.key: m.value for m in logged.metrics}
+    assert linked["model_val_miou"] == pytest.approx(result.metrics["val_miou"])
+    files = {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
+    assert "MLmodel" in files
+    assert {a.path for a in client.list_logged_model_artifacts(logged.model_id, "artifacts/model")} == {
+        "artifacts/model/model.json",
+        "artifacts/model/member0.safetensors",
     }
     assert len(client.list_artifacts(result.run_id, "overlays")) == 2
+    # MLflow system metrics while it trained, and the prepared dataset as the run's input.
+    assert client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")
+    (dataset,) = run.inputs.dataset_inputs
+    tags = {t.key: t.value for t in dataset.tags}
+    fingerprint = json.loads((Path(cfg.data) / "manifest.json").read_text())["fingerprint"]
+    assert tags["segpipe.fingerprint"] == fingerprint and tags["mlflow.data.context"] == "training"
+    assert json.loads(tags["segpipe.splits"]) == {"train": 64, "val": 12}
+    assert dataset.dataset.name == "voc" and dataset.dataset.source_type == "local"
 
     from segmodels.artifact import load_model_dir
 
