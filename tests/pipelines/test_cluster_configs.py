@@ -153,88 +153,66 @@ _METADATA_SCHEMA = {
     },
 }
 _OPEN = {"type": "object"}  # a part the API server validates itself (pod templates, probes, env)
+
+
+def _kind_schema(spec: dict | None = None) -> dict:
+    """A core kind with apiVersion, kind, metadata and (when given) the spec schema, nothing else."""
+    properties: dict = {"apiVersion": {}, "kind": {}, "metadata": {}}
+    if spec is not None:
+        properties["spec"] = {"type": "object", "additionalProperties": False, **spec}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["spec"] if spec is not None else [],
+        "properties": properties,
+    }
+
+
 # Core kinds used in cluster/kuberay/, with the fields the manifests may use.
 _CORE_SCHEMAS = {
-    ("v1", "ServiceAccount"): {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {"apiVersion": {}, "kind": {}, "metadata": {}},
-    },
-    ("apps/v1", "Deployment"): {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {},
-            "kind": {},
-            "metadata": {},
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["selector", "template"],
-                "properties": {
-                    "replicas": {"type": "integer", "minimum": 0},
-                    "selector": {"type": "object", "required": ["matchLabels"]},
-                    "template": {
+    ("v1", "ServiceAccount"): _kind_schema(),
+    ("apps/v1", "Deployment"): _kind_schema(
+        {
+            "required": ["selector", "template"],
+            "properties": {
+                "replicas": {"type": "integer", "minimum": 0},
+                "selector": {"type": "object", "required": ["matchLabels"]},
+                "template": {
+                    "type": "object",
+                    "required": ["metadata", "spec"],
+                    "properties": {"metadata": _OPEN, "spec": {"type": "object", "required": ["containers"]}},
+                },
+            },
+        }
+    ),
+    ("v1", "Service"): _kind_schema(
+        {
+            "required": ["selector", "ports"],
+            "properties": {
+                "type": {"enum": ["ClusterIP", "LoadBalancer", "NodePort"]},
+                "selector": {"type": "object"},
+                "ports": {"type": "array", "items": {"type": "object", "required": ["port"]}},
+            },
+        }
+    ),
+    ("monitoring.coreos.com/v1", "PodMonitor"): _kind_schema(
+        {
+            "required": ["selector", "podMetricsEndpoints"],
+            "properties": {
+                "selector": {"type": "object"},
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
                         "type": "object",
-                        "required": ["metadata", "spec"],
-                        "properties": {
-                            "metadata": _OPEN,
-                            "spec": {"type": "object", "required": ["containers"]},
-                        },
+                        "additionalProperties": False,
+                        "required": ["port"],
+                        "properties": {"port": {"type": "string"}, "path": {}, "interval": {}},
                     },
                 },
             },
-        },
-    },
-    ("v1", "Service"): {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {},
-            "kind": {},
-            "metadata": {},
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["selector", "ports"],
-                "properties": {
-                    "type": {"enum": ["ClusterIP", "LoadBalancer", "NodePort"]},
-                    "selector": {"type": "object"},
-                    "ports": {"type": "array", "items": {"type": "object", "required": ["port"]}},
-                },
-            },
-        },
-    },
-    ("monitoring.coreos.com/v1", "PodMonitor"): {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {},
-            "kind": {},
-            "metadata": {},
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["selector", "podMetricsEndpoints"],
-                "properties": {
-                    "selector": {"type": "object"},
-                    "podMetricsEndpoints": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["port"],
-                            "properties": {"port": {"type": "string"}, "path": {}, "interval": {}},
-                        },
-                    },
-                },
-            },
-        },
-    },
+        }
+    ),
     ("v1", "ConfigMap"): {
         "type": "object",
         "additionalProperties": False,
