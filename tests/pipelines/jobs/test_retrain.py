@@ -307,9 +307,9 @@ def test_demo_runs_the_whole_mission(tmp_path):
             "--trials",
             "1",
             "--num-train",
-            "24",
+            "16",
             "--num-val",
-            "8",
+            "4",
             "--port",
             str(port),
             "--json-out",
@@ -336,9 +336,13 @@ def test_demo_runs_the_whole_mission(tmp_path):
     # The registered champion carries the folder's classes and colours: model.json and the pyfunc metadata.
     import mlflow
 
-    champion = summary["retrain"]["champion"]
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'demo' / 'mlruns' / 'mlflow.db'}")
-    metadata = mlflow.models.get_model_info(champion).metadata
+    # Explicit URIs (no process-wide mlflow.set_tracking_uri / registry URI that other tests would inherit).
+    uri = f"sqlite:///{tmp_path / 'demo' / 'mlruns' / 'mlflow.db'}"
+    version = tracking.model_version(tracking.connect(uri), summary["retrain"]["champion"])
+    model = mlflow.artifacts.download_artifacts(
+        artifact_uri=version.source, dst_path=str(tmp_path / "champion"), tracking_uri=uri
+    )
+    metadata = yaml.safe_load((Path(model) / "MLmodel").read_text())["metadata"]
     colours = yaml.safe_load((tmp_path / "demo" / "folder" / "classes.yaml").read_text())["classes"]
     assert metadata["segpipe.classes"] == list(FOLDER_CLASSES)
     assert metadata["segpipe.palette"] == [c["color"] for c in colours]
