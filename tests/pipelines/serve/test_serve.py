@@ -213,11 +213,17 @@ def test_replicas_and_threads_are_sized_from_the_nodes(node_cpus, nodes, crf, re
     assert replica_sizing(ServeConfig(model_uri="x", member_gpus=0.5), gpus) == ReplicaSizing(4, 1, 1.0)
 
 
-def test_the_cluster_serve_config_args_are_accepted():
+def test_the_cluster_serve_config_args_are_accepted(tmp_path):
     config = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
     (application,) = config["applications"]
     assert application["import_path"] == "pipelines.serve:app"
-    cfg = config_from_args(application["args"])
+    args = dict(application["args"])
+    # The token file is the mounted Secret on a cluster; here a file of the same kind stands in for it.
+    assert args["auth_token_file"] == "/etc/segpipe/serve-token/token"
+    with pytest.raises(UserError, match="--auth-token-file .* cannot read it"):
+        config_from_args(args)
+    (tmp_path / "token").write_text("s3cret-token-of-32-characters-xx\n")
+    cfg = config_from_args({**args, "auth_token_file": str(tmp_path / "token")})
     assert cfg.model_uri == application["args"]["model_uri"]
 
 
