@@ -3,7 +3,8 @@
 Quiet by default: segpipe prints its own progress lines (epochs, trials, steps), the driver's Ray Data
 progress bars (prepare, predict) and the results. Ray's INFO logs (cluster start, operator plans, worker
 group states, checkpoint reports, Serve's access logs), Tune's tables and the progress of the datasets
-that Ray workers run (every training feed) go to Ray's log files under /tmp/ray/session_latest/logs.
+that Ray workers run (every training feed) go to Ray's log files under /tmp/ray/session_latest/logs;
+what Ray prints past its loggers is filtered off the `segpipe` command's stderr (`pipelines.terminal`).
 `segpipe --verbose` (or SEGPIPE_VERBOSE=1) brings them back.
 """
 
@@ -21,6 +22,9 @@ VERBOSE_ENV = "SEGPIPE_VERBOSE"
 def set_verbose(on: bool) -> None:
     """Through the environment, so Ray workers started from this process see the same setting."""
     os.environ[VERBOSE_ENV] = "1" if on else "0"
+    # Tune's new output engine prints a configuration box and result paths per search even when silent;
+    # its legacy engine at verbosity 0 prints nothing (segpipe prints each trial's epochs itself).
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if on else "0"
     # MLflow's per-file download bars (a model folder is ~100 files): only with --verbose.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if on else "false")
 
@@ -49,6 +53,10 @@ def quiet_ray_data() -> None:
     if not verbose():  # connecting to Serve, MLflow creating its tables: INFO, not for the terminal
         for name in ("ray.serve", "mlflow.store.db.utils", "alembic.runtime.migration"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # "Token authentication is enabled" at every local start (segpipe's instances are token-only),
+        # "Progress bars disabled" (segpipe prints its own progress line): nothing to act on.
+        for name in ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if verbose() else "false")
 
 
@@ -58,7 +66,7 @@ def quiet_worker_env() -> dict[str, str]:
     Datasets that workers execute (each training feed, in Ray Train's split coordinator or a Tune trial)
     would print their progress summaries on the terminal every few seconds: their bars are off and
     Ray Data's console handler shows warnings only. Ray Data's log file keeps everything.
-    Tune prints a short header per search whatever its verbosity.
+    Tune prints nothing of its own at verbosity 0 with its legacy output engine (`set_verbose`).
     """
     if verbose():
         return {}
@@ -89,6 +97,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     Returns True when this call started Ray, so the caller knows whether to shut it down.
     """
     import ray
+    from ray._private.services import find_bootstrap_address, get_node_ip_address
 
     quiet_ray_data()
     if ray.is_initialized():
@@ -99,15 +108,38 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         # The level of every task and actor of the job (Ray Train's controller, Ray Data's workers).
         "logging_config": ray.LoggingConfig(log_level=logging.getLevelName(log_level())),
     }
+    pinned = None
     if not os.environ.get("RAY_ADDRESS"):
         # Only for an instance started here: a job on a cluster keeps the runtime environment it was given.
-        kwargs["runtime_env"] = {"env_vars": quiet_worker_env()}
+        env = quiet_worker_env()
+        if find_bootstrap_address(None) is None:  # no `ray start` cluster that ray.init() would join
+            # Ray's state API (Ray Train's PlacementGroupCleaner asks it whether a run's controller is
+            # alive) finds "the" local instance by scanning processes and fails when this machine runs
+            # two; the workers of this one are told its address, so the GCS port is chosen here.
+            pinned = str(free_port())
+            env["RAY_ADDRESS"] = f"{get_node_ip_address()}:{pinned}"
+        kwargs["runtime_env"] = {"env_vars": env}
         # A fresh local instance with CPUs as asked or all. The dashboard (on 127.0.0.1 only) serves Ray's
         # state API, which Ray Train's PlacementGroupCleaner needs to free the CPUs of a run that Tune stopped
         # early (ASHA); without it those placement groups leak and later trials wait forever.
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus)
-    ray.init(**kwargs)
+    if pinned:
+        os.environ["RAY_GCS_SERVER_PORT"] = pinned
+    try:
+        ray.init(**kwargs)
+    finally:
+        if pinned:
+            del os.environ["RAY_GCS_SERVER_PORT"]
     return True
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def cluster_gpus() -> float:

@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     set_verbose(args.verbose)
+    if argv is None and not args.verbose:  # the `segpipe` command itself, not a call from Python
+        from pipelines.terminal import filter_output
+
+        filter_output()
     try:
         args.run(args)
     except UserError as err:

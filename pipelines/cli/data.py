@@ -80,7 +80,7 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="fail, publishing nothing, if more samples than this are quarantined (default: 0.01)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
     add_json_out(p, "the summary")
     p.set_defaults(run=_run_prepare)
 

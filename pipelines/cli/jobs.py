@@ -112,7 +112,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole pipeline on generated data, on this machine",
-        description="synth (VOC layout, or --layout folder: your own data's layout) -> prepare -> tune two "
+        description="synth (your own data's layout: images/, masks/, classes.yaml; or --layout voc) -> prepare -> tune two "
         "architectures -> ensemble -> register and promote -> Ray Serve -> real HTTP requests, all locally.",
     )
     from pipelines.jobs.demo import DEMO_LAYOUTS, DemoConfig
@@ -123,7 +123,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layout",
         choices=DEMO_LAYOUTS,
-        help=f"the generated dataset: voc (PASCAL VOC layout) or folder (images/, masks/, classes.yaml) {default('layout')}",
+        help="the generated dataset: folder (images/, masks/, classes.yaml; 4 classes) or voc (PASCAL VOC "
+        f"layout, 21 classes: far from learnt in the demo's minutes) {default('layout')}",
     )
     p.add_argument("--workdir", help=f"where data, runs and overlays go {default('workdir')}")
     p.add_argument("--epochs", type=int, help=f"epochs per trial {default('epochs')}")

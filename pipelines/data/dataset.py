@@ -58,11 +58,12 @@ def parquet_schema() -> pa.Schema:
 
 
 def decode_mask(data: bytes) -> np.ndarray:
-    """Single-channel PNG -> H x W uint8 class indices (palette PNGs give their indices, not colours)."""
+    """Single-channel PNG -> H x W uint8 class indices (palette PNGs give their indices, not colours);
+    writable, so torch can take it without a warning."""
     with Image.open(io.BytesIO(data)) as img:
         if img.mode not in ("L", "P"):
             raise ValueError(f"mask PNG has mode {img.mode}; expected a single-channel (L or P) image")
-        return np.asarray(img)
+        return np.array(img)
 
 
 def encode_mask(mask: np.ndarray) -> bytes:

@@ -76,7 +76,7 @@ class PrepareConfig:
     shard_mb: float = 128.0  # target parquet shard size
     max_bad_fraction: float = 0.01  # fail (publishing nothing) when more samples than this are quarantined
     batch_size: int = 32  # samples per map_batches task (fewer, larger tasks amortise Ray's per-task cost)
-    progress: bool = True  # Ray Data progress bars
+    progress: bool = True  # the progress line (`pipelines.progress`)
     classes: str = ""  # folder: the classes file (default: ROOT/classes.yaml or ROOT/classes.txt)
 
     def __post_init__(self) -> None:
@@ -236,8 +236,11 @@ def converted_schema() -> pa.Schema:
     return pa.schema(list(parquet_schema()) + [pa.field(n, t) for n, t in extra])
 
 
-def convert_batch(batch: pa.Table, *, layout: Layout, fs: pafs.FileSystem, max_side: int | None) -> pa.Table:
-    """map_batches body: every listed sample comes out, converted or with the reason it was rejected."""
+def convert_batch(
+    batch: pa.Table, *, layout: Layout, fs: pafs.FileSystem, max_side: int | None, counter=None
+) -> pa.Table:
+    """map_batches body: every listed sample comes out, converted or with the reason it was rejected
+    (and counted on the driver's progress `counter` actor when one is given)."""
     import pyarrow as pa
 
     samples = [Sample(**record) for record in batch.to_pylist()]
@@ -259,6 +262,8 @@ def convert_batch(batch: pa.Table, *, layout: Layout, fs: pafs.FileSystem, max_s
                     "path": bad.path or sample.image,
                 }
             )
+    if counter is not None:
+        counter.add.remote(len(rows))
     return pa.Table.from_pylist(rows, schema=converted_schema())
 
 
@@ -370,7 +375,8 @@ def _run_pipeline(
 ) -> list[dict]:
     import ray.data
 
-    from pipelines.runtime import ensure_ray
+    from pipelines.progress import follow, progress, remote_counter
+    from pipelines.runtime import ensure_ray, verbose
 
     source_fs, _ = storage.filesystem(cfg.root)
     out_fs, staging_path = storage.filesystem(staging)
@@ -379,8 +385,10 @@ def _run_pipeline(
     try:
         items = [dataclasses.asdict(s) for s in samples]
         ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / cfg.batch_size))
-        # Settings for this dataset only (each Dataset carries its own copy of the DataContext).
-        ds.context.enable_progress_bars = cfg.progress
+        # Settings for this dataset only (each Dataset carries its own copy of the DataContext). Ray Data's
+        # own bars (a line per operator) only with --verbose: segpipe's one line counts the samples.
+        ds.context.enable_progress_bars = cfg.progress and verbose()
+        counter = remote_counter()
         # Ray Data's per-operator CPU reservation would leave the decode operator one task at a time on
         # a 2-core machine (bench/prepare.py: speed-up over a single process fell to ~1x with it on).
         ds.context.op_resource_reservation_enabled = False
@@ -388,10 +396,12 @@ def _run_pipeline(
             convert_batch,
             batch_size=None,  # one block = one batch of cfg.batch_size samples
             batch_format="pyarrow",
-            fn_kwargs={"layout": layout, "fs": source_fs, "max_side": cfg.max_side},
+            fn_kwargs={"layout": layout, "fs": source_fs, "max_side": cfg.max_side, "counter": counter},
         )
         # Writing shards is I/O: it asks for no CPU, so it never holds a core the decoders could use.
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        with progress("prepare", len(items), "samples", enabled=cfg.progress) as bar, follow(bar, counter):
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        ray.kill(counter)
     finally:
         if started:
             ray.shutdown()

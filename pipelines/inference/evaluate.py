@@ -103,6 +103,7 @@ def score_split(
     import torch
 
     from pipelines.inference.core import model_payload
+    from pipelines.progress import progress
     from pipelines.runtime import ensure_ray, model_actors
     from segmodels.metrics import ConfusionMatrix
 
@@ -137,9 +138,11 @@ def score_split(
     )
     cm = ConfusionMatrix(data.num_classes)
     images = 0
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        cm.matrix += torch.from_numpy(np.asarray(batch["confusion"]).sum(0).reshape(cm.matrix.shape))
-        images += len(batch["confusion"])
+    with progress(f"evaluate {split}", data.rows(split, max_images)) as bar:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            cm.matrix += torch.from_numpy(np.asarray(batch["confusion"]).sum(0).reshape(cm.matrix.shape))
+            images += len(batch["confusion"])
+            bar.advance(len(batch["confusion"]))
     return cm, images
 
 

@@ -299,7 +299,7 @@ def write_parquet_part(fs, out: str, rows: list[tuple]) -> None:
 
 # ---------------------------------------------------------------------------------------------- sources
 def read_source(cfg: PredictConfig, done: set[str]):
-    """(Ray Dataset of {image_id, bytes}, quarantined records, skipped count) for the input."""
+    """(Ray Dataset of {image_id, bytes}, images in it, quarantined records, skipped count) for the input."""
     import ray.data
 
     from pipelines.data.dataset import MANIFEST_NAME
@@ -327,7 +327,7 @@ def read_source(cfg: PredictConfig, done: set[str]):
         else:
             paths.append(posixpath.join(root, rel))
     if not paths:
-        return None, quarantined, skipped
+        return None, 0, quarantined, skipped
     if cfg.settings.proposals is not None:
         ids = (posixpath.splitext(posixpath.relpath(p, root))[0] for p in paths)
         check_covered(cfg.settings.proposals, ids, "proposals file")
@@ -337,7 +337,8 @@ def read_source(cfg: PredictConfig, done: set[str]):
         ids = [posixpath.splitext(posixpath.relpath(p, root))[0] for p in batch["path"]]
         return {"image_id": np.array(ids), "path": batch["path"], "bytes": batch["bytes"]}
 
-    return ds.map_batches(image_ids, batch_format="numpy", zero_copy_batch=True), quarantined, skipped
+    ds = ds.map_batches(image_ids, batch_format="numpy", zero_copy_batch=True)
+    return ds, len(paths), quarantined, skipped
 
 
 def read_split(root: str, split: str, cfg: PredictConfig, done: set[str]):
@@ -347,7 +348,7 @@ def read_split(root: str, split: str, cfg: PredictConfig, done: set[str]):
     ids = [i for i in data.split(split, columns=[IMAGE_ID]).to_pandas()[IMAGE_ID]]
     todo = {i for i in ids if not is_done(i, cfg.format, done)}
     if not todo:
-        return None, [], len(ids)
+        return None, 0, [], len(ids)
     if cfg.settings.proposals is not None:
         check_covered(cfg.settings.proposals, sorted(todo), "proposals file")
 
@@ -358,7 +359,7 @@ def read_split(root: str, split: str, cfg: PredictConfig, done: set[str]):
         return {"image_id": ids, "path": paths, "bytes": batch[IMAGE][keep]}
 
     ds = data.split(split, columns=[IMAGE_ID, IMAGE]).map_batches(pending, batch_format="numpy")
-    return ds, [], len(ids) - len(todo)
+    return ds, len(todo), [], len(ids) - len(todo)
 
 
 def record(path: str, reason: str) -> dict[str, str]:
@@ -373,6 +374,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
 
     from pipelines.inference.core import crf_params, model_payload
     from pipelines.model_uri import fetched_model
+    from pipelines.progress import progress
     from pipelines.runtime import ensure_ray, largest_node_memory, model_actors
     from segmodels.artifact import read_spec
 
@@ -384,7 +386,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         payload = model_payload(folder)
     params = crf_params(spec.crf, cfg.settings.crf_params) if cfg.settings.crf else None
     started = time.perf_counter()
-    ds, quarantined, skipped = read_source(cfg, existing_outputs(cfg.out, cfg.format))
+    ds, pending, quarantined, skipped = read_source(cfg, existing_outputs(cfg.out, cfg.format))
     written = 0
     if ds is not None:
         actors = cfg.concurrency or model.slots
@@ -422,12 +424,14 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
             batch_format="numpy",
             **light,
         )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for path, error in zip(batch["path"], batch["error"], strict=True):
-                if error:
-                    quarantined.append(record(str(path), str(error)))
-                else:
-                    written += 1
+        with progress("predict", pending) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for path, error in zip(batch["path"], batch["error"], strict=True):
+                    if error:
+                        quarantined.append(record(str(path), str(error)))
+                    else:
+                        written += 1
+                bar.advance(len(batch["path"]))
     seconds = time.perf_counter() - started
     quarantine_uri = storage.join(cfg.out, QUARANTINE)
     storage.write_text(quarantine_uri, "".join(json.dumps(r) + "\n" for r in quarantined))

@@ -559,8 +559,14 @@ def system_metrics(cfg: TrainConfig, config: dict[str, Any], rank: int, resumed:
     GPUs into the run's `system/...` metrics), or None."""
     if rank != 0 or cfg.system_metrics_s <= 0:
         return None
+    import logging
+
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    from pipelines.runtime import log_level
+
+    # Its start/stop notices are INFO records on the worker's stderr, which Ray relays to the terminal.
+    logging.getLogger("mlflow.system_metrics").setLevel(log_level())
     monitor = SystemMetricsMonitor(
         config["run_id"],
         sampling_interval=cfg.system_metrics_s,

@@ -140,6 +140,7 @@ def search_crf(
     import ray
 
     from pipelines.errors import UserError
+    from pipelines.progress import Progress, progress
     from pipelines.runtime import largest_node_memory
 
     task = ray.remote(num_cpus=1)(crf_confusion)
@@ -159,7 +160,10 @@ def search_crf(
             "run it where a node has more memory, or leave out --crf"
         )
 
-    def score(settings: list[dict[str, float] | None]) -> list[float]:
+    images = sum(limit for _, limit in plan)
+
+    def score(settings: list[dict[str, float] | None], bar: Progress) -> list[float]:
+        """mIoU per setting; the tasks' images count on `bar` as each task finishes."""
         refs = [
             [
                 task.options(memory=need).remote(uri, limit, weights, s, num_classes)
@@ -167,18 +171,24 @@ def search_crf(
             ]
             for s in settings
         ]
+        images_of = {ref: limit for row in refs for ref, (_, limit) in zip(row, plan, strict=True)}
+        pending = list(images_of)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.advance(images_of[done[0]])
         return [miou(sum(ray.get(r))) for r in refs]
 
     coarse = coarse_settings(grid)
-    without, *scores = score([None, *coarse])
+    with progress(f"CRF search, {len(coarse) + 1} settings", images * (len(coarse) + 1)) as bar:
+        without, *scores = score([None, *coarse], bar)
     tried = list(coarse)
     best_index = int(np.argmax(scores))
     fine = fine_settings(coarse[best_index], tried, grid)
     tried += fine
-    scores += score(fine)
+    with progress(f"CRF search, {len(fine)} finer settings", images * len(fine)) as bar:
+        scores += score(fine, bar)
     best_index = int(np.argmax(scores))
     best = {**tried[best_index], "iterations": 10, "w2": 3.0, "theta_gamma": 3.0}
-    images = sum(limit for _, limit in plan)
     if scores[best_index] <= without:
         return CRFSearch(None, scores[best_index], without, images, len(tried))
     return CRFSearch(best, scores[best_index], without, images, len(tried))

@@ -152,6 +152,7 @@ def score_candidates(
     import ray.data
 
     from pipelines.inference.core import model_payload
+    from pipelines.progress import progress
     from pipelines.runtime import ensure_ray, model_actors
 
     ensure_ray()
@@ -175,8 +176,11 @@ def score_candidates(
         compute=ray.data.ActorPoolStrategy(size=workers),
         **actors.options,
     )
-    shards = [
-        Shard(uri=str(row["shard"]), first_id=str(row["first_id"]), images=int(row["images"]))
-        for row in scored.iter_rows()
-    ]
+    shards = []
+    with progress(f"score {len(folders)} candidates on {split}", data.rows(split, max_images)) as bar:
+        for row in scored.iter_rows():
+            shards.append(
+                Shard(uri=str(row["shard"]), first_id=str(row["first_id"]), images=int(row["images"]))
+            )
+            bar.advance(shards[-1].images)
     return sorted(shards, key=lambda s: s.first_id)

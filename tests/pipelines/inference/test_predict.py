@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
+import select
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +59,9 @@ def expected(folder: Path, image: np.ndarray) -> np.ndarray:
     return predict_image(load_model_dir(folder), image, InferenceSettings()).argmax(0)
 
 
-def test_formats_quarantine_and_resume(ray_session, model_folder, tmp_path, capsys, tricky_images):
+def test_formats_quarantine_and_resume(
+    ray_session, model_folder, tmp_path, capsys, monkeypatch, tricky_images
+):
     folder = model_folder(VOC_CLASSES, VOC_PALETTE)
     src = tmp_path / "in"
     images = write_inputs(src)
@@ -67,6 +73,8 @@ def test_formats_quarantine_and_resume(ray_session, model_folder, tmp_path, caps
     assert main([*args, "--max-pixels", "5000", "--json-out", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert (result["written"], result["skipped"], result["quarantined"]) == (3 + len(tricky_images), 0, 2)
+    inputs = 5 + len(tricky_images)  # not on a terminal: a plain progress line, the last at 100 %
+    assert f"predict: {inputs}/{inputs} images (100%), " in capsys.readouterr().err
     for rel, image in images.items():
         png = Image.open(out / Path(rel).with_suffix(".png"))
         assert png.mode == "P" and png.size == image.shape[1::-1]
@@ -102,10 +110,19 @@ def test_formats_quarantine_and_resume(ray_session, model_folder, tmp_path, caps
     assert (out / "a.png").stat().st_mtime_ns == before and (out / "nested/deeper/c.png").is_file()
     shutil.rmtree(src / "tricky")  # the other formats on the plain inputs
 
-    voc = predict(
-        PredictConfig(model_uri=str(folder), input=str(src), out=str(tmp_path / "voc"), format="voc")
-    )
+    master, slave = pty.openpty()  # on a terminal: one line redrawn in place, then a newline
+    with os.fdopen(slave, "w") as terminal, monkeypatch.context() as patched:
+        patched.setattr(sys, "stderr", terminal)
+        voc = predict(
+            PredictConfig(model_uri=str(folder), input=str(src), out=str(tmp_path / "voc"), format="voc")
+        )
+        drawn = b""
+        while select.select([master], [], [], 0.2)[0]:
+            drawn += os.read(master, 65536)
+    os.close(master)
     assert voc["written"] == 4  # without a pixel limit, huge.png is segmented too
+    assert drawn.startswith(b"\rpredict: ") and drawn.endswith(b"\n") and drawn.count(b"\n") == 1
+    assert b"\rpredict: 5/5 images (100%), " in drawn  # (broken.jpg is quarantined on the way)
     got = np.asarray(Image.open(tmp_path / "voc" / VOC_RESULTS / "c.png"))
     np.testing.assert_array_equal(got, expected(folder, images["nested/deeper/c.png"]))
 

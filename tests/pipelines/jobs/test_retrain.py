@@ -288,8 +288,9 @@ def test_bad_retrain_file_fails_before_any_work(voc_source, tmp_path):
 
 
 def test_demo_runs_the_whole_mission(tmp_path):
-    """`segpipe demo --layout folder` end to end (fewer epochs than `make demo`): a team's own data (images/,
-    masks/, classes.yaml) through every stage, real HTTP at the end, its own class names in every answer."""
+    """`segpipe demo` end to end (fewer epochs than `make demo`): a team's own data (images/, masks/,
+    classes.yaml) through every stage, real HTTP at the end, its own class names in every answer; the
+    terminal shows segpipe's lines and progress lines, none of Ray's warnings or errors."""
     port = _free_port()
     out = tmp_path / "demo.json"
     proc = subprocess.run(
@@ -298,8 +299,6 @@ def test_demo_runs_the_whole_mission(tmp_path):
             "-m",
             "pipelines.cli",
             "demo",
-            "--layout",
-            "folder",
             "--workdir",
             str(tmp_path / "demo"),
             "--epochs",
@@ -325,11 +324,23 @@ def test_demo_runs_the_whole_mission(tmp_path):
     for text in (
         "Endpoint:  http://127.0.0.1",
         "MLflow UI: mlflow ui",
-        "Overlays:",
+        "Overlays:  open ",
         "Promotion: no champion yet",
+        "Champion:  models:/segpipe-demo@champion (version 1): val mIoU ",
     ):
         assert text in proc.stdout
     summary = json.loads(out.read_text())
+    assert f"val mIoU {summary['champion_miou']:.3f} (target >= 0.5: " in proc.stdout
+    assert summary["champion_miou"] == summary["retrain"]["steps"]["promote"]["output"]["challenger"]["miou"]
+    # The terminal: progress lines, no Ray chatter (its token notice, core_worker.cc records, Tune's boxes,
+    # forwarded warnings of Ray's own actors, shutdown records).
+    for line in ("prepare: 20/20 samples (100%), ", "candidates on val: 4/4 images (100%), ",
+                 "CRF search, 13 settings: ", "evaluate val: 4/4 images (100%), "):  # fmt: skip
+        assert line in proc.stderr, proc.stderr[-3000:]
+    terminal = proc.stdout + proc.stderr
+    for chatter in ("Token authentication", ".cc:", "Configuration for experiment", "View detailed results",
+                    "WARNING", "Cannot deregister", "PlacementGroupCleaner", "Progress bars"):  # fmt: skip
+        assert chatter not in terminal, terminal[-3000:]
     assert len(summary["answers"]) == 4 and all(a["classes_present"] for a in summary["answers"])
     assert {c for a in summary["answers"] for c in a["classes_present"]} <= set(FOLDER_CLASSES)
     assert len(list(Path(summary["overlays"]).glob("*-overlay.jpg"))) == 4
