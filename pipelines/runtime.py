@@ -97,7 +97,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     Returns True when this call started Ray, so the caller knows whether to shut it down.
     """
     import ray
-    from ray._private.services import find_bootstrap_address, get_node_ip_address
+    from ray._private.services import find_bootstrap_address
 
     quiet_ray_data()
     if ray.is_initialized():
@@ -108,29 +108,39 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         # The level of every task and actor of the job (Ray Train's controller, Ray Data's workers).
         "logging_config": ray.LoggingConfig(log_level=logging.getLevelName(log_level())),
     }
-    pinned = None
-    if not os.environ.get("RAY_ADDRESS"):
-        # Only for an instance started here: a job on a cluster keeps the runtime environment it was given.
-        env = quiet_worker_env()
-        if find_bootstrap_address(None) is None:  # no `ray start` cluster that ray.init() would join
-            # Ray's state API (Ray Train's PlacementGroupCleaner asks it whether a run's controller is
-            # alive) finds "the" local instance by scanning processes and fails when this machine runs
-            # two; the workers of this one are told its address, so the GCS port is chosen here.
-            pinned = str(free_port())
-            env["RAY_ADDRESS"] = f"{get_node_ip_address()}:{pinned}"
-        kwargs["runtime_env"] = {"env_vars": env}
-        # A fresh local instance with CPUs as asked or all. The dashboard (on 127.0.0.1 only) serves Ray's
-        # state API, which Ray Train's PlacementGroupCleaner needs to free the CPUs of a run that Tune stopped
-        # early (ASHA); without it those placement groups leak and later trials wait forever.
-        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus)
-    if pinned:
-        os.environ["RAY_GCS_SERVER_PORT"] = pinned
-    try:
-        ray.init(**kwargs)
-    finally:
-        if pinned:
-            del os.environ["RAY_GCS_SERVER_PORT"]
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)  # a job on a cluster keeps the runtime environment it was given
+    elif find_bootstrap_address(None) is not None:  # the `ray start` cluster of this machine
+        ray.init(runtime_env={"env_vars": quiet_worker_env()}, **kwargs)
+    else:
+        start_local(quiet_worker_env(), num_cpus=num_cpus, **kwargs)
     return True
+
+
+def start_local(env: dict[str, str], **init_args) -> None:
+    """`ray.init` of a new instance on this machine whose workers know its address (`env` added to theirs).
+
+    Ray's state API (Ray Train's PlacementGroupCleaner asks it whether a run's controller is alive)
+    otherwise finds "the" local instance by scanning processes, and fails when this machine runs two (a
+    test session beside `segpipe demo`, a `ray start` head beside a command): the cleaner then dies, the
+    placement groups of runs Tune stopped early leak and later trials wait forever. So the GCS port is
+    chosen here. The dashboard (on 127.0.0.1 only) serves that state API.
+    """
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    port = str(free_port())
+    os.environ["RAY_GCS_SERVER_PORT"] = port
+    try:
+        ray.init(
+            address="local",
+            runtime_env={"env_vars": {**env, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}},
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            **init_args,
+        )
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
 
 
 def free_port() -> int:

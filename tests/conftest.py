@@ -23,18 +23,14 @@ def ray_session():
     """
     import ray
 
+    from pipelines.runtime import start_local
+
     started = not ray.is_initialized()
     if started:
-        # address="local": a fresh instance even when another one on this machine was started with
-        # `ray start` (plain ray.init() would attach to that one and reject num_cpus).
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=True,  # Ray's state API: Ray Train frees stopped trials' CPUs through it
-            dashboard_host="127.0.0.1",
-            logging_level=logging.WARNING,
-            configure_logging=True,
-        )
+        # A fresh instance even when another one on this machine was started with `ray start` (plain
+        # ray.init() would attach to that one and reject num_cpus); its workers know its address, so Ray
+        # Train's placement-group cleaner keeps working while a test starts a second instance.
+        start_local({}, num_cpus=4, logging_level=logging.WARNING, configure_logging=True)
     yield ray
     if started and ray.is_initialized():
         ray.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,23 @@ def prepared_voc(tmp_path_factory, ray_session) -> str:
     return out
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """A new MLflow sqlite store, its tables made once per session (MLflow's migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def mlflow_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+def mlflow_uri(tmp_path, empty_mlflow_db) -> str:
+    """A store of this test's own: a copy of the empty one."""
+    path = tmp_path / "mlruns" / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_mlflow_db, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture

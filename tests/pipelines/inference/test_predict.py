@@ -126,20 +126,7 @@ def test_formats_quarantine_and_resume(
     got = np.asarray(Image.open(tmp_path / "voc" / VOC_RESULTS / "c.png"))
     np.testing.assert_array_equal(got, expected(folder, images["nested/deeper/c.png"]))
 
-    parquet = tmp_path / "parquet"
-    predict(PredictConfig(model_uri=str(folder), input=str(src), out=str(parquet), format="parquet"))
-    parts = sorted(parquet.glob("*.parquet"))  # beside quarantine.jsonl
-    table = pa.concat_tables([pq.read_table(p) for p in parts]).to_pandas().set_index("image_id")
-    assert set(table.index) == {"a", "nested/b", "nested/deeper/c", "huge"}
-    row = table.loc["nested/deeper/c"]
-    assert (row["height"], row["width"]) == (33, 61)
-    mask = np.asarray(Image.open(io.BytesIO(row["mask"])))
-    np.testing.assert_array_equal(mask, expected(folder, images["nested/deeper/c.png"]))
-    resumed = predict(
-        PredictConfig(model_uri=str(folder), input=str(src), out=str(parquet), format="parquet")
-    )
-    assert (resumed["written"], resumed["skipped"]) == (0, 4)
-
+    # (parquet: tests/pipelines/inference/test_predict.py::test_s3_in_and_out)
     overlay = tmp_path / "overlay"
     predict(PredictConfig(model_uri=str(folder), input=str(src), out=str(overlay), format="overlay"))
     assert Image.open(overlay / "a.png").mode == "RGB" and Image.open(overlay / "a.png").size == (52, 40)
@@ -230,15 +217,27 @@ def test_s3_in_and_out(ray_session, model_folder, s3, tmp_path, mlflow_uri, down
         if path.is_file():
             storage.write_bytes(f"{s3}/in/{path.relative_to(tmp_path / 'in').as_posix()}", path.read_bytes())
     cfg = PredictConfig(
-        model_uri=run_uri, input=f"{s3}/in", out=f"{s3}/out", max_pixels=5000, tracking_uri=mlflow_uri
+        model_uri=run_uri,
+        input=f"{s3}/in",
+        out=f"{s3}/out",
+        max_pixels=5000,
+        tracking_uri=mlflow_uri,
+        format="parquet",  # (png and the other formats: test_formats_quarantine_and_resume)
     )
     result = predict(cfg)
     assert (result["written"], result["quarantined"]) == (3, 2)
     listed = storage.list_files(f"{s3}/out")
-    assert set(listed) == {"a.png", "nested/b.png", "nested/deeper/c.png", "quarantine.jsonl", "classes.json"}
-    mask = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{s3}/out/nested/b.png"))))
-    np.testing.assert_array_equal(mask, expected(folder, images["nested/b.png"]))
-    assert predict(cfg)["skipped"] == 3
+    parts = sorted(name for name in listed if name.endswith(".parquet"))
+    assert set(listed) == {*parts, "quarantine.jsonl", "classes.json"} and parts
+    table = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(f"{s3}/out/{p}"))) for p in parts])
+    rows = table.to_pandas().set_index("image_id")
+    assert set(rows.index) == {"a", "nested/b", "nested/deeper/c"}
+    row = rows.loc["nested/deeper/c"]
+    assert (row["height"], row["width"]) == (33, 61)
+    mask = np.asarray(Image.open(io.BytesIO(row["mask"])))
+    np.testing.assert_array_equal(mask, expected(folder, images["nested/deeper/c.png"]))
+    resumed = predict(cfg)  # the parts already written list what is done
+    assert (resumed["written"], resumed["skipped"]) == (0, 3)
 
 
 @pytest.mark.slow
