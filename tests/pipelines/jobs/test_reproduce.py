@@ -449,14 +449,3 @@ def test_deeplab_msc_with_crf_and_dilation_context_on_a_fixed_front_end(
     # The context stage trained only its context module: the front end is the first stage's, exactly.
     assert set(before) < set(after) and all(k.startswith("context.") for k in set(after) - set(before))
     assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-@pytest.mark.slow
-def test_single_stage_recipe_fcn_at_once(small_voc, mlflow_uri, tmp_path) -> None:
-    """One stage with the paper's recipe file (the U-Net and PSPNet recipes are the same path; each of
-    their tiny configs is built and checked above, and `segpipe train` runs both architectures elsewhere)."""
-    name = "fcn_atonce"
-    result = reproduce(tiny(name, small_voc, mlflow_uri, tmp_path))
-    assert list(result["stages"]) == [load_recipe(name).stages[0].name]
-    assert result["model_uri"] == f"models:/reproduce-{name}-voc/1"
-    assert result["table"]["ours"]["miou"] is not None

@@ -31,7 +31,7 @@ UNET = {
     "num_overlays": 1,
     "cpus_per_worker": 1.0,
 }
-PSP = {**UNET, "model_args": {"backbone": "resnet18"}, "lr": 1e-3}
+PSP = {**UNET, "model_args": {"backbone": "resnet18"}, "lr": 1e-3, "epochs": 1}
 
 
 def search_body(data: str, uri: str, storage: str, name: str = "sel") -> dict:
@@ -125,12 +125,17 @@ def test_evaluate_whole_slide_tta_and_crf(searched, prepared_voc, store, tmp_pat
     for label, settings in {
         "whole": InferenceSettings(),
         "slide": InferenceSettings(slide=(64, 48)),
-        "tta": InferenceSettings(scales=(0.75, 1.0, 1.25), flip=True),
         "crf": InferenceSettings(crf=True),
     }.items():
         results[label] = evaluate(
             EvalConfig(model_uri=uri, data=prepared_voc, settings=settings, tracking_uri=store["uri"])
         )
+    # Multi-scale + flip through the command line, its JSON the same result.
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model-uri", uri, "--data", prepared_voc, "--tta", "0.75,1,1.25", "--flip",
+                 "--tracking-uri", store["uri"], "--json-out", str(out)]) == 0  # fmt: skip
+    results["tta"] = json.loads(out.read_text())
+    assert set(results["tta"]["metrics"]) == {"miou", "pixel_acc", "mean_acc", "fwiou", "per_class_iou"}
     for label, result in results.items():
         m = result["metrics"]
         assert result["images"] == 12, label
@@ -142,33 +147,6 @@ def test_evaluate_whole_slide_tta_and_crf(searched, prepared_voc, store, tmp_pat
     # The training run's own val mIoU was computed the same way (whole image): same number.
     best = searched["architectures"]["unet"]["best"]
     assert results["whole"]["metrics"]["miou"] == pytest.approx(best["val_miou"], abs=1e-6)
-    out = tmp_path / "eval.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model-uri",
-                uri,
-                "--data",
-                prepared_voc,
-                "--tta",
-                "1,1.25",
-                "--flip",
-                "--tracking-uri",
-                store["uri"],
-                "--json-out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    assert set(json.loads(out.read_text())["metrics"]) == {
-        "miou",
-        "pixel_acc",
-        "mean_acc",
-        "fwiou",
-        "per_class_iou",
-    }
 
 
 def test_ensemble_scores_at_least_its_best_member_and_is_registered(

@@ -37,7 +37,7 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp_path):
+def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp_path, capfd):
     cfg = tiny_config(epochs=16, lr_policy="fixed", run_name="learn")
     result = train(cfg)
     client = MlflowClient(mlflow_uri)
@@ -99,18 +99,17 @@ def test_tiny_model_learns_and_everything_is_logged(tiny_config, mlflow_uri, tmp
     assert model.spec.classes[0] == "background" and len(model.spec.classes) == 21
     assert Path(result.checkpoint).name.startswith("checkpoint_epoch_")
 
-
-def test_rerun_with_same_name_resumes_without_logging_twice(tiny_config, mlflow_uri, capfd):
-    first = train(tiny_config(epochs=2, run_name="resume", keep="final"))
-    second = train(tiny_config(epochs=3, run_name="resume", keep="final"))
-    assert "resuming resume from epoch 2 checkpoint" in capfd.readouterr().out
-    assert second.run_id == first.run_id
-    client = MlflowClient(mlflow_uri)
+    # The same run name again with one more epoch: it resumes from the last checkpoint, trains that epoch,
+    # and logs nothing twice. keep: final logs the last epoch's model (the papers' final snapshot),
+    # whichever epoch scored best.
+    capfd.readouterr()
+    again = train(tiny_config(epochs=17, lr_policy="fixed", run_name="learn", keep="final"))
+    assert "resuming learn from epoch 16 checkpoint" in capfd.readouterr().out
+    assert again.run_id == result.run_id
     for key in ("train_loss", "val_miou"):
-        assert steps(client, second.run_id, key) == [0, 1, 2]
-    # keep: final logs the last epoch's model (the papers' final snapshot), whichever epoch scored best.
-    assert Path(second.checkpoint).name == "checkpoint_epoch_0002"
-    assert client.get_run(second.run_id).data.metrics["model_epoch"] == 2
+        assert steps(client, again.run_id, key) == list(range(17))
+    assert Path(again.checkpoint).name == "checkpoint_epoch_0016"
+    assert client.get_run(again.run_id).data.metrics["model_epoch"] == 16
 
 
 def _train_worker_pids() -> list[int]:
@@ -277,7 +276,7 @@ cluster.shutdown()
 def test_two_workers_on_two_nodes(tiny_config, tmp_path, mlflow_uri):
     """A 2-node ray.cluster_utils.Cluster (in its own process) with 3 CPUs per node and 2 CPUs per worker:
     two workers cannot share a node, so DDP (gloo) runs across both; the spare CPU feeds Ray Data."""
-    cfg = tiny_config(epochs=2, run_name="multinode", num_workers=2, batch_size=4, cpus_per_worker=2.0)
+    cfg = tiny_config(epochs=1, run_name="multinode", num_workers=2, batch_size=4, cpus_per_worker=2.0)
     proc = subprocess.run(
         [sys.executable, "-c", MULTINODE, json.dumps(cfg.to_dict())],
         capture_output=True,
@@ -292,7 +291,7 @@ def test_two_workers_on_two_nodes(tiny_config, tmp_path, mlflow_uri):
     client = MlflowClient(mlflow_uri)
     run = client.get_run(payload["result"]["run_id"])
     assert run.info.status == "FINISHED"
-    assert steps(client, run.info.run_id, "val_miou") == [0, 1]
+    assert steps(client, run.info.run_id, "val_miou") == [0]
 
 
 def test_split_options_name_the_prepared_splits(tiny_config):
