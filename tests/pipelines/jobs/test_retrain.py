@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from pipelines import tracking
 from pipelines.data.synth import FOLDER_CLASSES
 from pipelines.jobs.retrain import load_retrain, retrain
+from pipelines.runtime import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[3]
@@ -70,12 +70,6 @@ def training_runs(uri: str) -> int:
     return len(client.search_runs([exp.experiment_id], filter_string="tags.`segpipe.stage` = 'train'"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_stopped_mid_cycle_resumes_then_idempotent_then_keeps_champion(
     voc_source, tmp_path, ray_session, monkeypatch, capfd
 ):
@@ -108,7 +102,7 @@ def test_ray_job_stopped_mid_cycle_resumes_then_idempotent_then_keeps_champion(
         [str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True
     )
     token = (home / ".ray" / "auth_token").read_text().strip()
-    gcs, dashboard, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
+    gcs, dashboard, agent_http, agent_grpc, metrics = (free_port() for _ in range(5))
     temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
     head = subprocess.Popen(
         [
@@ -288,7 +282,7 @@ def test_demo_runs_the_whole_mission(tmp_path):
     """`segpipe demo` end to end (fewer epochs than `make demo`): a team's own data (images/, masks/,
     classes.yaml) through every stage, real HTTP at the end, its own class names in every answer; the
     terminal shows segpipe's lines and progress lines, none of Ray's warnings or errors."""
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "demo.json"
     proc = subprocess.run(
         [

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from pipelines.errors import UserError
 from pipelines.inference.core import InferenceSettings, predict_image
 from pipelines.model_uri import fetched_model
 from pipelines.preflight import Capacity
+from pipelines.runtime import free_port
 from pipelines.serve import (
     APP_NAME,
     CRFRefiner,
@@ -314,12 +314,6 @@ def test_the_model_replica_loads_only_versions_of_the_served_model(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- live endpoint
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def register(client, folder: Path, alias: str = "champion") -> str:
     run = client.create_run(tracking.experiment_id(client, "serve-test"))
     version = tracking.register_model_folder(client, "tiny", folder, run_id=run.info.run_id).version

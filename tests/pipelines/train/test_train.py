@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from pipelines.cli import main
 from pipelines.errors import UserError
 from pipelines.model_uri import fetched_model
+from pipelines.runtime import free_port
 from pipelines.train.trainer import resolve, train
 
 pytestmark = pytest.mark.slow
@@ -186,14 +186,8 @@ def test_bad_input_fails_before_any_worker(args, message, prepared_voc, mlflow_u
     assert not (tmp_path / "ray").exists() or not any((tmp_path / "ray").rglob("checkpoint_*"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_against_a_real_mlflow_server(tiny_config, tmp_path):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"),
@@ -236,7 +230,7 @@ def test_against_a_real_mlflow_server(tiny_config, tmp_path):
 
 
 def test_unreachable_tracking_server_is_a_clear_error(prepared_voc, tmp_path, capsys):
-    port = _free_port()
+    port = free_port()
     code = main(
         [
             "train",
