@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.data.synth import FOLDER_CLASSES
@@ -65,7 +64,7 @@ def retrain_file(folder: Path, voc_root: Path, **overrides) -> Path:
 
 
 def training_runs(uri: str) -> int:
-    client = MlflowClient(uri)
+    client = tracking.connect(uri)
     exp = client.get_experiment_by_name("retrain")
     return len(client.search_runs([exp.experiment_id], filter_string="tags.`segpipe.stage` = 'train'"))
 
@@ -204,7 +203,7 @@ def test_ray_job_stopped_mid_cycle_resumes_then_idempotent_then_keeps_champion(
         assert training_runs(uri) == runs  # nothing retrained
         result = json.loads(out.read_text())
         assert result["promoted"] and set(result["steps"]) == {"prepare", "tune", "ensemble", "promote"}
-        client = MlflowClient(uri)
+        client = tracking.connect(uri)
         assert tracking.alias_version(client, "retrained", "champion") == result["champion_version"] == "1"
         assert (durable / "retrain-t").is_dir(), sorted(p.name for p in home.rglob("*"))[:20]
         assert any(durable.rglob("checkpoint_epoch_*")), "no checkpoint under ~/ray_results"

@@ -127,8 +127,6 @@ def test_crf_search_defaults_to_deeplabs_100_images():
 def test_segpipe_ensemble_selects_tunes_crf_and_registers(prepared_voc, make_candidate, tmp_path):
     import json
 
-    from mlflow.tracking import MlflowClient
-
     from pipelines import tracking
     from pipelines.cli import main
     from segmodels.artifact import load_model_dir
@@ -159,7 +157,7 @@ def test_segpipe_ensemble_selects_tunes_crf_and_registers(prepared_voc, make_can
         result["crf_search"]["params"] is None
     )
     assert result["model_uri"] == "models:/shards-model/1"
-    assert tracking.alias_version(MlflowClient(uri), "shards-model", "challenger") == "1"
+    assert tracking.alias_version(tracking.connect(uri), "shards-model", "challenger") == "1"
     assert not list((tmp_path / "s").rglob("*.npz"))  # the shards are scratch, removed afterwards
 
     with fetched_model(result["model_uri"], uri) as folder:

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.cli import main
@@ -74,7 +73,7 @@ def test_tune_completes_and_asha_stops_weak_trials(searched, store):
     assert all(t["status"] == "KILLED" for t in stopped)
     assert unet["best"]["status"] == "FINISHED" and unet["best"]["model_uri"].startswith("runs:/")
     assert searched["architectures"]["pspnet"]["best"]["model_uri"].startswith("runs:/")
-    client = MlflowClient(store["uri"])
+    client = tracking.connect(store["uri"])
     parent = client.get_run(searched["parent_run_id"])
     assert parent.info.status == "FINISHED"
     children = client.search_runs(
@@ -167,7 +166,7 @@ def test_ensemble_scores_at_least_its_best_member_and_is_registered(
     best_member = max(result["candidates"].values())
     assert result["metrics"]["miou"] >= best_member - 1e-9
     assert result["model_uri"] == "models:/sel-model/1"
-    client = MlflowClient(store["uri"])
+    client = tracking.connect(store["uri"])
     assert tracking.alias_version(client, "sel-model", "challenger") == "1"
 
     from segmodels.artifact import load_model_dir
@@ -183,7 +182,7 @@ def test_ensemble_scores_at_least_its_best_member_and_is_registered(
 
 def test_promote_moves_champion_only_on_improvement(searched, prepared_voc, store, tmp_path):
     # Version 1 (from the ensemble test, or made here) becomes champion: there is none yet.
-    client = MlflowClient(store["uri"])
+    client = tracking.connect(store["uri"])
     if not client.search_model_versions("name='sel-model'"):
         test_ensemble_scores_at_least_its_best_member_and_is_registered(searched, prepared_voc, store)
     first = promote(PromoteConfig(name="sel-model", data=prepared_voc, tracking_uri=store["uri"]))
