@@ -184,7 +184,7 @@ def test_promote_moves_champion_only_on_improvement(searched, prepared_voc, stor
     # Version 1 (from the ensemble test, or made here) becomes champion: there is none yet.
     client = tracking.connect(store["uri"])
     if not client.search_model_versions("name='sel-model'"):
-        test_ensemble_scores_at_least_its_best_member_and_is_registered(searched, prepared_voc, store)
+        test_ensemble_scores_at_least_its_best_member_and_is_registered(searched, prepared_voc, store, None)
     first = promote(PromoteConfig(name="sel-model", data=prepared_voc, tracking_uri=store["uri"]))
     assert first["promoted"] and first["reason"] == "no champion yet"
     assert tracking.alias_version(client, "sel-model", "champion") == "1"
@@ -222,6 +222,18 @@ def test_promote_moves_champion_only_on_improvement(searched, prepared_voc, stor
     assert float(client.get_model_version("sel-model", "1").tags["eval_val_miou"]) == pytest.approx(
         second["champion"]["miou"], abs=1e-6
     )  # the tag keeps six decimals
+
+    # The better one as challenger against the worse one as champion, with a margin it does not clear.
+    tracking.set_alias(client, "sel-model", "champion", "2")
+    tracking.set_alias(client, "sel-model", "challenger", "1")
+    margin = second["champion"]["miou"] - second["challenger"]["miou"] + 0.01
+    third = promote(
+        PromoteConfig(name="sel-model", data=prepared_voc, tracking_uri=store["uri"], margin=margin)
+    )
+    assert not third["promoted"] and f"(margin {margin}): kept champion" in third["reason"], third
+    assert tracking.alias_version(client, "sel-model", "champion") == "2"
+    with pytest.raises(UserError, match="--margin must be >= 0"):
+        promote(PromoteConfig(name="sel-model", data=prepared_voc, tracking_uri=store["uri"], margin=-0.1))
 
 
 @pytest.mark.parametrize(
