@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -123,26 +124,73 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_killed_worker_restarts_from_checkpoint(tiny_config, mlflow_uri, tmp_path):
-    cfg = tiny_config(epochs=4, run_name="fault", num_workers=2, batch_size=4, cpus_per_worker=0.5)
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=train(cfg)), daemon=True)
-    thread.start()
-    first_checkpoint = tmp_path / "ray" / "fault" / "checkpoint_epoch_0000"
-    deadline = time.monotonic() + 300
-    while not first_checkpoint.exists() and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.2)
-    assert first_checkpoint.exists(), "no checkpoint within 300 s"
-    victims = _train_worker_pids()
-    assert victims, "no Ray Train worker process found to kill"
-    os.kill(victims[-1], signal.SIGKILL)
-    thread.join(timeout=600)
-    assert not thread.is_alive() and "result" in outcome
-    client = MlflowClient(mlflow_uri)
-    run_id = outcome["result"].run_id
-    assert client.get_run(run_id).info.status == "FINISHED"
-    for key in ("train_loss", "val_miou"):
-        assert steps(client, run_id, key) == [0, 1, 2, 3]
+@contextlib.contextmanager
+def mlflow_server(folder: Path):
+    """`mlflow server` on 127.0.0.1 (sqlite store, artifacts proxied into `folder`); yields its URI."""
+    from pipelines.errors import UserError
+    from pipelines.tracking import check_server
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination",
+            str(folder / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                check_server(uri)
+                break
+            except UserError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_killed_worker_restarts_from_checkpoint_logging_to_a_real_mlflow_server(tiny_config, tmp_path):
+    """Two workers, one killed after the first checkpoint: the run restarts from it and finishes, every epoch
+    logged once, through a real `mlflow server` (metrics over HTTP, the model proxied to its artifact store)."""
+    with mlflow_server(tmp_path) as uri:
+        cfg = tiny_config(
+            epochs=4, run_name="fault", num_workers=2, batch_size=4, cpus_per_worker=0.5, tracking_uri=uri
+        )
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: outcome.update(result=train(cfg)), daemon=True)
+        thread.start()
+        first_checkpoint = tmp_path / "ray" / "fault" / "checkpoint_epoch_0000"
+        deadline = time.monotonic() + 300
+        while not first_checkpoint.exists() and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.2)
+        assert first_checkpoint.exists(), "no checkpoint within 300 s"
+        victims = _train_worker_pids()
+        assert victims, "no Ray Train worker process found to kill"
+        os.kill(victims[-1], signal.SIGKILL)
+        thread.join(timeout=600)
+        assert not thread.is_alive() and "result" in outcome
+        client = MlflowClient(uri)
+        run_id = outcome["result"].run_id
+        assert client.get_run(run_id).info.status == "FINISHED"
+        for key in ("train_loss", "val_miou"):
+            assert steps(client, run_id, key) == [0, 1, 2, 3]
+        assert any((tmp_path / "server-artifacts").rglob("member0.safetensors"))
 
 
 @pytest.mark.parametrize(
@@ -184,49 +232,6 @@ def test_bad_input_fails_before_any_worker(args, message, prepared_voc, mlflow_u
     assert code == 2, err
     assert message in err
     assert not (tmp_path / "ray").exists() or not any((tmp_path / "ray").rglob("checkpoint_*"))
-
-
-def test_against_a_real_mlflow_server(tiny_config, tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        from pipelines.errors import UserError
-        from pipelines.tracking import check_server
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                check_server(uri)
-                break
-            except UserError:
-                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
-        result = train(tiny_config(epochs=1, run_name="server", tracking_uri=uri))
-        client = MlflowClient(uri)
-        assert client.get_run(result.run_id).info.status == "FINISHED"
-        assert steps(client, result.run_id, "val_miou") == [0]
-        assert any((tmp_path / "server-artifacts").rglob("member0.safetensors"))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_unreachable_tracking_server_is_a_clear_error(prepared_voc, tmp_path, capsys):
