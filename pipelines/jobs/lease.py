@@ -1,6 +1,6 @@
 """One retrain cycle at a time per retrain name: a lease object beside the cycles' state.
 
-    <state>/lease.json = {"owner": host:pid, "cycle", "started", "heartbeat"}   (local folder or s3://)
+    <state>/lease.json = {"owner", "cycle", "started", "heartbeat", "host", "pid", "nonce"}   (local or s3://)
 
 Taking the lease is an atomic create (a local file opened with O_EXCL; on S3 a conditional put,
 `If-None-Match: *`), so of two cycles started together exactly one proceeds; the other stops within seconds
@@ -8,7 +8,9 @@ naming the running cycle. The holder rewrites the heartbeat every `heartbeat_s` 
 is still the one it wrote: `If-Match` on its ETag). A lease whose heartbeat is older than `stale_after_s`
 belongs to a cycle that died without releasing it (a killed pod, a lost node): the next cycle takes it over,
 again atomically (a rename of the local file; on S3 a put conditional on the stale object's ETag), and says
-so. SIGTERM (a stopped Ray job, a deleted pod) releases the lease before the process ends.
+so. A lease whose holder ran on this host and whose process is gone (a stopped Ray job's driver, SIGKILLed
+before it could release it) is taken over the same way at once, without waiting for it to go stale.
+SIGTERM (a stopped Ray job, a deleted pod) releases the lease before the process ends when it can.
 """
 
 from __future__ import annotations
@@ -36,9 +38,33 @@ class LeaseHeld(UserError):
     """Another cycle of the same retrain holds the lease."""
 
 
+def ray_job_id() -> str:
+    """The submission id of the Ray job this driver runs as (`ray job submit` puts it in the driver's job
+    config), or ''."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except json.JSONDecodeError:
+        return ""
+    return str((config.get("metadata") or {}).get("job_submission_id") or "")
+
+
 def owner_name() -> str:
-    job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
+    job = ray_job_id()
     return f"{socket.gethostname()}:{os.getpid()}" + (f" (Ray job {job})" if job else "")
+
+
+def holder_gone(lease: dict) -> bool:
+    """True when the lease's process ran on this host and no longer exists."""
+    pid = lease.get("pid")
+    if lease.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def when(seconds: float) -> str:
@@ -179,7 +205,7 @@ class Lease:
     def body(self, started: float) -> dict:
         now = time.time()
         return {"owner": self.owner, "cycle": self.cycle, "started": started, "heartbeat": now,
-                "nonce": uuid.uuid4().hex}  # fmt: skip
+                "host": socket.gethostname(), "pid": os.getpid(), "nonce": uuid.uuid4().hex}  # fmt: skip
 
     def acquire(self) -> None:
         """Take the lease, or take over a stale one; LeaseHeld names the running cycle."""
@@ -192,7 +218,8 @@ class Lease:
             if current is None:
                 continue
             age = time.time() - float(current.get("heartbeat", 0))
-            if age < self.stale_after_s:
+            gone = holder_gone(current)
+            if age < self.stale_after_s and not gone:
                 raise LeaseHeld(
                     f"retrain {self.retrain!r} is already running: cycle {current.get('cycle')} by "
                     f"{current.get('owner')}, started {when(float(current.get('started', 0)))}, last heartbeat "
@@ -202,9 +229,13 @@ class Lease:
             self._token = self.store.take_over(self.body(self.started), token)
             if self._token is not None:
                 self.took_over = current
+                why = (
+                    f"its process (pid {current.get('pid')} on this host) is gone"
+                    if gone
+                    else f"no heartbeat for {age:.0f} s (over {self.stale_after_s:.0f} s)"
+                )
                 print(
-                    f"[segpipe] took over the lease of cycle {current.get('cycle')} by {current.get('owner')}: "
-                    f"no heartbeat for {age:.0f} s (over {self.stale_after_s:.0f} s)"
+                    f"[segpipe] took over the lease of cycle {current.get('cycle')} by {current.get('owner')}: {why}"
                 )
                 return
         raise LeaseHeld(f"retrain {self.retrain!r}: the lease {self.uri} keeps changing hands; try again")
@@ -242,7 +273,7 @@ class Lease:
         self._thread.start()
         if threading.current_thread() is threading.main_thread():
             # A stopped Ray job or a deleted pod gets SIGTERM, then SIGKILL seconds later: leave cleanly.
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._exit_on_sigterm)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -250,6 +281,10 @@ class Lease:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
         self.release()
 
-
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+    def _exit_on_sigterm(self, signum, frame) -> None:
+        """Release first (Ray's job stop SIGKILLs 3 s after its SIGTERM), then unwind the cycle."""
+        try:
+            self.release()
+        except Exception as err:  # the next cycle takes it over as gone or stale
+            print(f"[segpipe] warning: could not release {self.uri}: {err}", flush=True)
+        raise SystemExit(128 + signum)

@@ -63,3 +63,49 @@ def test_a_stale_lease_is_taken_over_and_its_holder_notices(lease_uri, capsys):
     crashed.release()
     assert json.loads(storage.read_text(lease_uri))["owner"] == "node-2:22"
     taker.release()
+
+
+def test_a_lease_whose_process_on_this_host_is_gone_is_taken_over_at_once(lease_uri, capsys):
+    """A stopped Ray job's driver SIGKILLed before it released its lease: the heartbeat is fresh, but its
+    process is gone from this host, so the next cycle need not wait for it to go stale."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = Lease(lease_uri, "nightly", "cycle-a", owner="job-driver")
+    killed.acquire()
+    storage.write_text(lease_uri, json.dumps({**json.loads(storage.read_text(lease_uri)), "pid": dead.pid}))
+    elsewhere = {**json.loads(storage.read_text(lease_uri)), "host": "another-node"}
+    taker = Lease(lease_uri, "nightly", "cycle-b", owner="next-driver")
+    taker.acquire()
+    assert taker.took_over["cycle"] == "cycle-a"
+    assert f"its process (pid {dead.pid} on this host) is gone" in capsys.readouterr().out
+    taker.release()
+    # The same pid on another host says nothing about that process: refused while its heartbeat is fresh.
+    storage.write_text(lease_uri, json.dumps(elsewhere))
+    with pytest.raises(LeaseHeld, match="cycle cycle-a by job-driver"):
+        Lease(lease_uri, "nightly", "cycle-b", owner="next-driver").acquire()
+
+
+def test_sigterm_releases_the_lease_before_the_process_unwinds(tmp_path):
+    """A stopped Ray job gets SIGTERM, then SIGKILL 3 s later: the lease goes first, then the cycle unwinds."""
+    import signal
+    import subprocess
+    import sys
+
+    uri = tmp_path / "lease.json"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipelines.jobs.lease import Lease\n"
+         f"with Lease({str(uri)!r}, 'nightly', 'cycle-a'):\n    try:\n        print('held', flush=True)\n"
+         "        time.sleep(60)\n    finally:\n        time.sleep(30)  # a slow unwind\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held" and uri.exists()
+    holder.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while uri.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not uri.exists() and holder.poll() is None  # released while the process still unwinds
+    holder.kill()
+    holder.wait()

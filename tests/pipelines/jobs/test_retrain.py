@@ -187,6 +187,8 @@ def test_ray_job_stopped_mid_cycle_resumes_then_idempotent_and_one_cycle_at_a_ti
             assert not status.is_terminal(), f"{status}: {jobs.get_job_logs('retrain-stopped')[-3000:]}"
             time.sleep(0.2)
         assert state is not None, "the job never finished its tune step"
+        holder = json.loads((durable / "retrain-t" / "lease.json").read_text())["owner"]
+        assert holder.endswith("(Ray job retrain-stopped)"), holder
         jobs.stop_job("retrain-stopped")
         while not jobs.get_job_status("retrain-stopped").is_terminal():
             assert time.monotonic() < deadline, "the stopped job never stopped"
