@@ -3,8 +3,8 @@
     .venv/bin/python bench/evaluate.py [--model deeplab_largefov] [--width 1.0] [--images 3] [--size 375 500]
 
 Builds the model at the paper's width (random weights: speed does not depend on them), saves it as a model
-folder and times `pipelines.inference.core.predict_image`, the per-image function `segpipe evaluate` runs, on
-H x W RGB images in four settings:
+folder and times `pipelines.inference.core.predict_image` (one image per forward pass: `segpipe evaluate`
+groups same-size images into pixel-budgeted passes) on H x W RGB images in four settings:
 - whole image (one forward pass);
 - sliding window (crop 321, stride 214: DeepLab's training crop with 1/3 overlap);
 - multi-scale + flip TTA (scales 0.75, 1, 1.25, both flips: six passes);

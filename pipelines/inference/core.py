@@ -153,15 +153,24 @@ def predict_image(model, image: np.ndarray, settings: InferenceSettings, image_i
     return probs
 
 
-def predict_labels(model, image: np.ndarray, settings: InferenceSettings, image_id: str = ""):
-    """uint8 H,W,3 image -> int64 H,W class indices, on the model's device (the CRF refines on the CPU)."""
+def labels_in_passes(
+    model, images: Sequence[np.ndarray], settings: InferenceSettings, image_ids: Sequence[str]
+):
+    """uint8 H,W,3 images of any sizes -> (index, int64 H,W class indices on the model's device), image by
+    image, from `forward_batches` passes: same-size images share a forward pass within the pixel budget.
+    With `settings.crf` each image's probabilities are refined on the CPU first."""
     import torch
 
-    if settings.crf:
-        probs = torch.from_numpy(predict_image(model, image, settings, image_id))
-    else:
-        probs = predict_batch(model, image[None], settings, [image_id])[0]
-    return probs.max(0).indices  # max().indices, not argmax: about 4x faster on CPU for C,H,W maps
+    from segmodels.crf import dense_crf
+
+    params = crf_params(model.spec.crf, settings.crf_params) if settings.crf else None
+    for group in forward_batches(model, [image.shape for image in images], settings):
+        stacked = np.stack([images[i] for i in group])
+        probs = predict_batch(model, stacked, settings, [image_ids[i] for i in group])
+        for i, image_probs in zip(group, probs, strict=True):
+            if params is not None:
+                image_probs = torch.from_numpy(dense_crf(images[i], image_probs.cpu().numpy(), params))
+            yield i, image_probs.max(0).indices  # max().indices, not argmax: ~4x faster on CPU for C,H,W
 
 
 def model_payload(folder: Path) -> dict[str, bytes]:

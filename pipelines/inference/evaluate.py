@@ -22,10 +22,14 @@ from pipelines.inference.core import InferenceSettings
 from pipelines.runtime import ModelActors
 
 SCORE_PER_ACTOR = 8  # val images per scoring actor at least (a small split is scored by fewer actors)
+# Images per actor call: same-size ones among them share forward passes within the inference core's pixel
+# budget (nine padded VOC images; a 2048x1024 image goes alone), so a GPU actor is not fed one at a time.
+IMAGES_PER_CALL = 8
 
 
 class ScoreImages:
-    """Ray Data actor: loads the model once (on `device`), returns one flattened confusion matrix per image."""
+    """Ray Data actor: loads the model once (on `device`), returns one flattened confusion matrix per image;
+    the images of a call go through the network in pixel-budgeted passes (`labels_in_passes`)."""
 
     def __init__(self, payload_ref, settings: InferenceSettings, num_classes: int, device: str, threads: int):
         import ray
@@ -45,18 +49,17 @@ class ScoreImages:
 
         from pipelines.data.dataset import decode_mask
         from pipelines.images import decode_image
-        from pipelines.inference.core import predict_labels
+        from pipelines.inference.core import labels_in_passes
         from segmodels.metrics import ConfusionMatrix
 
-        rows = []
-        for image_id, img_bytes, mask_bytes in zip(
-            batch["image_id"], batch["image"], batch["mask"], strict=True
-        ):
-            image, truth = decode_image(img_bytes), torch.from_numpy(decode_mask(mask_bytes))
-            labels = predict_labels(self.model, image, self.settings, str(image_id))
+        images = [decode_image(data) for data in batch["image"]]
+        ids = [str(image_id) for image_id in batch["image_id"]]
+        rows: list[np.ndarray] = [np.empty(0)] * len(images)
+        for i, labels in labels_in_passes(self.model, images, self.settings, ids):
+            truth = torch.from_numpy(decode_mask(batch["mask"][i]))
             cm = ConfusionMatrix(self.num_classes)
             cm.update(labels[None], truth[None])  # bincount on the labels' device; C x C counts come back
-            rows.append(cm.matrix.reshape(-1).numpy())
+            rows[i] = cm.matrix.reshape(-1).numpy()
         return {"image_id": batch["image_id"], "confusion": np.stack(rows)}
 
 
@@ -131,7 +134,7 @@ def score_split(
             "device": actors.device,
             "threads": actors.threads(workers),
         },
-        batch_size=1,
+        batch_size=IMAGES_PER_CALL,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         **actors.options,

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from pipelines import runtime, storage
@@ -30,6 +31,7 @@ from pipelines.inference.core import (
     InferenceSettings,
     crf_params,
     input_padding,
+    labels_in_passes,
     pixel_batches,
     predict_image,
 )
@@ -204,7 +206,26 @@ def test_pixel_batches_keep_sizes_apart_and_passes_within_the_budget(model_folde
     assert pixel_batches([(375, 500, 3)] * 12, PIXEL_BUDGET, pad=100) == [list(range(9)), [9, 10, 11]]
     fcn = load_model_dir(model_folder(VOC_CLASSES, VOC_PALETTE, archs=("fcn8s", "deeplab_largefov")))
     assert input_padding(fcn) == 100
-    assert input_padding(load_model_dir(model_folder(VOC_CLASSES, VOC_PALETTE, name="other"))) == 0
+    model = load_model_dir(model_folder(VOC_CLASSES, VOC_PALETTE, name="other"))
+    assert input_padding(model) == 0
+
+    # Evaluate's actors: same-size images share a forward pass, each gets the labels it gets alone.
+    rng = np.random.default_rng(3)
+    images = [
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 52), (33, 61), (40, 52), (40, 52)]
+    ]
+    passes = []
+    hook = model.ensemble.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    for settings in (InferenceSettings(), InferenceSettings(crf=True, crf_params={"iterations": 2})):
+        passes.clear()
+        ids = [str(i) for i in range(len(images))]
+        got = dict(labels_in_passes(model, images, settings, ids))
+        assert passes == [3, 1]  # two sizes: two passes, not four
+        assert sorted(got) == [0, 1, 2, 3]
+        for i, image in enumerate(images):
+            assert got[i].dtype == torch.int64 and got[i].shape == image.shape[:2]
+            assert torch.equal(got[i], torch.from_numpy(predict_image(model, image, settings).argmax(0)))
+    hook.remove()
 
 
 def test_s3_in_and_out(ray_session, model_folder, s3, tmp_path, mlflow_uri, downloads_removed):
