@@ -97,7 +97,6 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     Returns True when this call started Ray, so the caller knows whether to shut it down.
     """
     import ray
-    from ray._private.services import find_bootstrap_address
 
     quiet_ray_data()
     if ray.is_initialized():
@@ -110,11 +109,20 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     }
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)  # a job on a cluster keeps the runtime environment it was given
-    elif find_bootstrap_address(None) is not None:  # the `ray start` cluster of this machine
+    elif joins_a_cluster():  # the `ray start` cluster of this machine
         ray.init(runtime_env={"env_vars": quiet_worker_env()}, **kwargs)
     else:
         start_local(quiet_worker_env(), num_cpus=num_cpus, **kwargs)
     return True
+
+
+def joins_a_cluster() -> bool:
+    """Whether `ensure_ray` joins a running cluster ($RAY_ADDRESS's, or this machine's `ray start` one)
+    rather than starting a local instance (no cluster, or RAY_ADDRESS=local)."""
+    from ray._private.services import find_bootstrap_address
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    return address != "local" if address else find_bootstrap_address(None) is not None
 
 
 def start_local(env: dict[str, str], **init_args) -> None:

@@ -47,7 +47,7 @@ def autoscaling(cfg: ServeConfig, min_replicas: int) -> dict[str, Any]:
 
 def capacity() -> Capacity:
     """The Ray cluster's, or this machine's before Ray starts (`start_server` then starts a local
-    instance with all of its cores; with $RAY_ADDRESS, size the replicas with max_replicas and member_cpus)."""
+    instance with all of its cores; it joins a cluster to be joined before sizing anything)."""
     import ray
 
     if ray.is_initialized():
@@ -116,9 +116,14 @@ def start_server(cfg: ServeConfig) -> str:
     global _started_ray
     import ray
 
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime import ensure_ray, joins_a_cluster
 
-    application = build_app(cfg)  # the model URI is checked before anything starts
+    if not ray.is_initialized() and joins_a_cluster():
+        # Size the replicas from the nodes that run them, not from this machine: a job's driver runs on
+        # the head, which reserves no CPUs for work and may be smaller than the workers, or have no GPU.
+        check_port_free(cfg.host, cfg.port)
+        _started_ray = ensure_ray() or _started_ray
+    application = build_app(cfg)  # the model URI is checked before a local Ray starts
     if not ray.is_initialized():
         check_port_free(cfg.host, cfg.port)
         # Ray's processes inherit the environment: the proxy then answers its own errors as JSON too.

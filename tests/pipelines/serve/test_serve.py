@@ -213,6 +213,42 @@ def test_replicas_and_threads_are_sized_from_the_nodes(node_cpus, nodes, crf, re
     assert replica_sizing(ServeConfig(model_uri="x", member_gpus=0.5), gpus) == ReplicaSizing(4, 1, 1.0)
 
 
+JOINED_CAPACITY = """
+import sys
+from pipelines.serve import server
+
+class Sized(Exception):
+    pass
+
+def build_app(cfg):
+    raise Sized(server.capacity())
+
+server.build_app = build_app  # stop where the replicas are sized, before Serve starts
+try:
+    server.start_server(server.ServeConfig(model_uri=sys.argv[1], port=int(sys.argv[2])))
+except Sized as sized:
+    print("node_cpus", sized.args[0].node_cpus)
+"""
+
+
+def test_serve_on_a_running_cluster_sizes_replicas_from_its_nodes(ray_session, tmp_path):
+    """`segpipe serve` with $RAY_ADDRESS (`ray job submit`'s driver, on a head that reserves no CPUs)
+    joins the cluster first: the replicas are sized from its nodes, not from the driver's machine."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    node_cpus = max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
+    done = subprocess.run(
+        [sys.executable, "-c", JOINED_CAPACITY, str(tmp_path), str(free_port())],
+        env={**os.environ, "RAY_ADDRESS": address},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert f"node_cpus {node_cpus}" in done.stdout, (done.stdout + done.stderr)[-3000:]
+    assert node_cpus != os.cpu_count()  # the session's node is declared larger than this machine
+
+
 def test_the_cluster_serve_config_args_are_accepted(tmp_path):
     config = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
     (application,) = config["applications"]
