@@ -153,20 +153,27 @@ def predict_image(model, image: np.ndarray, settings: InferenceSettings, image_i
     return probs
 
 
+def probabilities_in_passes(
+    model, images: Sequence[np.ndarray], settings: InferenceSettings, image_ids: Sequence[str]
+):
+    """uint8 H,W,3 images of any sizes -> (indices, N,C,H,W probabilities on the model's device) per forward
+    pass: `forward_batches` groups same-size images within the pixel budget."""
+    for group in forward_batches(model, [image.shape for image in images], settings):
+        stacked = np.stack([images[i] for i in group])
+        yield group, predict_batch(model, stacked, settings, [image_ids[i] for i in group])
+
+
 def labels_in_passes(
     model, images: Sequence[np.ndarray], settings: InferenceSettings, image_ids: Sequence[str]
 ):
     """uint8 H,W,3 images of any sizes -> (index, int64 H,W class indices on the model's device), image by
-    image, from `forward_batches` passes: same-size images share a forward pass within the pixel budget.
-    With `settings.crf` each image's probabilities are refined on the CPU first."""
+    image, from `probabilities_in_passes`. With `settings.crf` each image is refined on the CPU first."""
     import torch
 
     from segmodels.crf import dense_crf
 
     params = crf_params(model.spec.crf, settings.crf_params) if settings.crf else None
-    for group in forward_batches(model, [image.shape for image in images], settings):
-        stacked = np.stack([images[i] for i in group])
-        probs = predict_batch(model, stacked, settings, [image_ids[i] for i in group])
+    for group, probs in probabilities_in_passes(model, images, settings, image_ids):
         for i, image_probs in zip(group, probs, strict=True):
             if params is not None:
                 image_probs = torch.from_numpy(dense_crf(images[i], image_probs.cpu().numpy(), params))

@@ -173,19 +173,18 @@ class Segmenter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from pipelines.inference.core import forward_batches, predict_batch
+        from pipelines.inference.core import probabilities_in_passes
 
         images, errors = batch["image"], batch["error"]
         results: list[Any] = [np.zeros((1, 1), np.uint8)] * len(images)
         readable = [i for i in range(len(images)) if not errors[i]]
-        for group in forward_batches(self.model, [images[i].shape for i in readable], self.settings):
-            indexes = [readable[g] for g in group]
-            ids = [str(batch["image_id"][i]) for i in indexes]
-            probs = predict_batch(self.model, np.stack([images[i] for i in indexes]), self.settings, ids)
+        ids = [str(batch["image_id"][i]) for i in readable]
+        passes = probabilities_in_passes(self.model, [images[i] for i in readable], self.settings, ids)
+        for group, probs in passes:
             # Half the bytes of float32 through the object store; the CRF's unary is -log(p) of them.
             out = probs.half() if self.probs else probs.max(1).indices.to(torch.uint8)
-            for i, result in zip(indexes, out.cpu().numpy(), strict=True):
-                results[i] = result
+            for g, result in zip(group, out.cpu().numpy(), strict=True):
+                results[readable[g]] = result
         rest = (
             batch if self.keep_image else without(batch, "image")
         )  # the image is only needed by CRF, overlay
